@@ -1,0 +1,1 @@
+//! The imgcrypt command line (work in progress).

@@ -1,0 +1,3 @@
+fn main() {
+    println!("imgcrypt: work in progress");
+}

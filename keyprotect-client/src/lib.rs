@@ -1,0 +1,1 @@
+//! keyprotect-client (work in progress).

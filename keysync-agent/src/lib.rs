@@ -1,0 +1,1 @@
+//! keysync-agent (work in progress).

@@ -1,0 +1,1 @@
+//! The JWE key-wrap scheme. (Filled in by the keys work.)

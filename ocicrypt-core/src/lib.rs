@@ -1,0 +1,54 @@
+//! # ocicrypt-core
+//!
+//! Encrypted OCI image layers, interoperable byte for byte with containers/ocicrypt (skopeo,
+//! buildah, podman, containerd's imgcrypt).
+//!
+//! * [`cipher`]: the streaming layer cipher `AES_256_CTR_HMAC_SHA256`, a sans-I/O core with
+//!   `Read`/`Write` and tokio `AsyncRead` adapters;
+//! * [`options`]: the private and public options JSON;
+//! * [`mediatype`]: media types and annotation names;
+//! * [`keywrap`]: the `KeyWrapper`/`KeyUnwrapper` traits (sync and async) and the unwrap logic
+//!   that tries every scheme and entry;
+//! * [`keys`]: public and private key parsing (PEM, DER, JWK, certificates, encrypted keys);
+//! * [`jwe`]: the JWE key-wrap scheme;
+//! * [`fsutil`]: atomic, synced file writes.
+//!
+//! ## Crate features
+//! * `jwe` (default): JWE key wrapping and key parsing (josekit, OpenSSL).
+//! * `tokio` (default): `AsyncRead` adapters for the layer cipher.
+//!
+//! ## Example: encrypt and decrypt a layer stream
+//! ```
+//! use std::io::Read;
+//! use ocicrypt_core::cipher::{io::{DecryptReader, EncryptReader}, LayerKey, Nonce};
+//!
+//! let key = LayerKey::generate();
+//! let nonce = Nonce::generate();
+//! let plaintext = b"a layer blob".repeat(1000);
+//!
+//! let mut enc = EncryptReader::new(&plaintext[..], &key, &nonce);
+//! let mut ciphertext = Vec::new();
+//! enc.read_to_end(&mut ciphertext)?;
+//! let (_, mac) = enc.finish()?;
+//!
+//! let mut dec = DecryptReader::new(&ciphertext[..], &key, &nonce, mac.as_bytes())?;
+//! let mut back = Vec::new();
+//! dec.read_to_end(&mut back)?; // fails with InvalidData if the MAC does not match
+//! assert_eq!(back, plaintext);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod cipher;
+mod error;
+pub mod fsutil;
+#[cfg(feature = "jwe")]
+pub mod jwe;
+pub mod keys;
+pub mod keywrap;
+pub mod mediatype;
+pub mod options;
+
+pub use error::Error;
+pub use keywrap::{AsyncKeyUnwrapper, AsyncKeyWrapper, KeyUnwrapper, KeyWrapper, UnwrapError, WrapError};
+pub use options::{PrivateLayerOptions, PublicLayerOptions};

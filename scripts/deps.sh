@@ -1,0 +1,30 @@
+# shellcheck shell=bash
+# Installs the Debian packages the build and the tests need, when missing. Sourced by scripts/test
+# and .ci/run; safe to run again (it only installs what is not there).
+#
+# Add packages here; per-component Python packages and services go in scripts/setup.d/.
+IMGCRYPT_DEBIAN_PACKAGES=(
+  # build: openssl-sys (josekit, key parsing)
+  pkg-config libssl-dev
+  # interop and registry tests
+  skopeo docker-registry openssl
+  # runtime end to end (containerd stream processor)
+  containerd runc busybox-static
+  # layers
+  zstd gzip tar
+)
+
+imgcrypt_install_deps() {
+  local missing=()
+  local p
+  for p in "${IMGCRYPT_DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+}
