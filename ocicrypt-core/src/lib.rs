@@ -44,6 +44,8 @@ mod error;
 pub mod fsutil;
 #[cfg(feature = "jwe")]
 pub mod jwe;
+pub mod image;
+pub mod keyprovider;
 pub mod keys;
 pub mod keywrap;
 pub mod mediatype;
