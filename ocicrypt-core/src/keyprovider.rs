@@ -1,0 +1,1 @@
+//! Client side of the ocicrypt key-provider protocol (`provider:<name>` recipients).
