@@ -117,10 +117,46 @@ pub enum Error {
         /// Digest computed.
         actual: String,
     },
+    /// An operation failed on one layer; the source says why.
+    #[error("layer {index} ({digest}) of {image}")]
+    Layer {
+        /// The image (`oci:path:tag`, `docker://…`), and manifest digest for multi-arch images.
+        image: String,
+        /// Layer index in its manifest.
+        index: usize,
+        /// Layer digest.
+        digest: String,
+        /// The cause.
+        #[source]
+        source: Box<Error>,
+    },
     /// Malformed image data (index, manifest, layout).
     #[error("{0}")]
     Image(String),
     /// An I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The innermost error, past [`Error::Layer`] context: what a caller classifies.
+    pub fn root_cause(&self) -> &Error {
+        match self {
+            Error::Layer { source, .. } => source.root_cause(),
+            other => other,
+        }
+    }
+
+    /// Converts an I/O error from a stream back into the crate error it carries, if any.
+    pub fn from_stream(e: std::io::Error) -> Error {
+        if e.get_ref().and_then(|i| i.downcast_ref::<Error>()).is_some() {
+            let inner = e.into_inner().expect("checked");
+            match inner.downcast::<Error>() {
+                Ok(b) => *b,
+                Err(other) => Error::Io(std::io::Error::other(other)),
+            }
+        } else {
+            Error::Io(e)
+        }
+    }
 }

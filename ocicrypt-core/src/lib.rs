@@ -11,11 +11,15 @@
 //!   that tries every scheme and entry;
 //! * [`keys`]: public and private key parsing (PEM, DER, JWK, certificates, encrypted keys);
 //! * [`jwe`]: the JWE key-wrap scheme;
+//! * [`image`]: image operations over OCI layouts and other stores (encrypt, decrypt, add and
+//!   remove recipients, inspect, check authorization);
+//! * [`keyprovider`]: the client side of the ocicrypt key-provider protocol;
 //! * [`fsutil`]: atomic, synced file writes.
 //!
 //! ## Crate features
 //! * `jwe` (default): JWE key wrapping and key parsing (josekit, OpenSSL).
-//! * `tokio` (default): `AsyncRead` adapters for the layer cipher.
+//! * `tokio`: `AsyncRead` adapters for the layer cipher.
+//! * `image` (default, implies `tokio`): image operations.
 //!
 //! ## Example: encrypt and decrypt a layer stream
 //! ```
@@ -44,6 +48,7 @@ mod error;
 pub mod fsutil;
 #[cfg(feature = "jwe")]
 pub mod jwe;
+#[cfg(feature = "image")]
 pub mod image;
 pub mod keyprovider;
 pub mod keys;

@@ -1,0 +1,749 @@
+//! Whole-image operations: encrypt, decrypt, add or replace recipients, inspect, check.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::StreamExt;
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
+use serde::Serialize;
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::{canonical_json, ImageDest, ImageSource};
+use crate::cipher::{self, LayerKey, Nonce};
+use crate::keywrap::{self, schemes_present, unwrap_options, wrap_options, AsyncKeyUnwrapper, AsyncKeyWrapper};
+use crate::mediatype::{self as mt, ANNOTATION_PREFIX};
+use crate::options::{decode_b64, PrivateLayerOptions, PublicLayerOptions};
+use crate::Error;
+
+/// What to do to the selected layers.
+#[derive(Debug, Clone)]
+pub enum Operation {
+    /// Copy the image unchanged.
+    Copy,
+    /// Encrypt selected plain layers for these recipients.
+    Encrypt {
+        /// The recipients.
+        wrappers: Vec<Arc<dyn AsyncKeyWrapper>>,
+    },
+    /// Decrypt selected encrypted layers with these keys.
+    Decrypt {
+        /// The keys.
+        unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>>,
+    },
+    /// Add recipients to encrypted layers without touching layer data: unwrap with a held
+    /// key, wrap for the new recipients, append to the annotations.
+    AddRecipients {
+        /// Keys that can already decrypt.
+        unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>>,
+        /// The new recipients.
+        wrappers: Vec<Arc<dyn AsyncKeyWrapper>>,
+    },
+    /// Replace all recipients of encrypted layers with exactly these, without touching layer
+    /// data. Recipients left out can no longer unwrap the layer key from this image (a former
+    /// recipient who kept the key itself still can: re-encrypt to revoke for real).
+    SetRecipients {
+        /// Keys that can already decrypt.
+        unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>>,
+        /// The recipients to keep or set.
+        wrappers: Vec<Arc<dyn AsyncKeyWrapper>>,
+    },
+}
+
+/// Which layers and platforms an operation applies to. Empty lists mean "all".
+#[derive(Debug, Clone, Default)]
+pub struct LayerSelection {
+    /// Layer indices per manifest; negative counts from the top (`-1` = last).
+    pub layers: Vec<i64>,
+    /// Platforms of a multi-arch index, `os/arch[/variant]`.
+    pub platforms: Vec<String>,
+}
+
+impl LayerSelection {
+    fn layer_selected(&self, index: usize, count: usize) -> Result<bool, Error> {
+        if self.layers.is_empty() {
+            return Ok(true);
+        }
+        for &l in &self.layers {
+            let resolved = if l < 0 { count as i64 + l } else { l };
+            if resolved < 0 || resolved >= count as i64 {
+                return Err(Error::Image(format!(
+                    "layer index {l} is out of range: the image has {count} layers (0..{}, or -1..-{count})",
+                    count.saturating_sub(1)
+                )));
+            }
+            if resolved as usize == index {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn platform_selected(&self, platform: Option<&oci_spec::image::Platform>) -> bool {
+        if self.platforms.is_empty() {
+            return true;
+        }
+        let Some(p) = platform else { return false };
+        let name = platform_name(p);
+        self.platforms.iter().any(|want| {
+            let want = want.trim_end_matches('/');
+            name == want || name.starts_with(&format!("{want}/"))
+        })
+    }
+}
+
+/// `os/arch[/variant]` of a platform.
+pub fn platform_name(p: &oci_spec::image::Platform) -> String {
+    let mut s = format!("{}/{}", p.os(), p.architecture());
+    if let Some(v) = p.variant() {
+        s.push('/');
+        s.push_str(v);
+    }
+    s
+}
+
+/// Progress callbacks, per layer. All methods have empty defaults.
+pub trait Progress: Send + Sync {
+    /// A layer starts: `id` is unique per layer, `action` is `encrypt`, `decrypt`, `copy`.
+    fn start(&self, _id: &str, _size: u64, _action: &str) {}
+    /// `n` more bytes of layer `id` went through.
+    fn advance(&self, _id: &str, _n: u64) {}
+    /// Layer `id` is done.
+    fn finish(&self, _id: &str) {}
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    /// Manifest digest (source).
+    pub manifest: String,
+    /// Platform of the manifest, if from an index.
+    pub platform: Option<String>,
+    /// Layer index.
+    pub index: usize,
+    /// `encrypted`, `decrypted`, `rewrapped`, `kept`.
+    pub action: &'static str,
+    /// Source digest.
+    pub from: String,
+    /// Destination digest.
+    pub to: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What an operation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransformReport {
+    /// Digest of the new top-level manifest or index.
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// Per layer.
+    pub layers: Vec<LayerReport>,
+}
+
+struct Ctx {
+    src: Arc<dyn ImageSource>,
+    dst: Arc<dyn ImageDest>,
+    op: Operation,
+    sel: LayerSelection,
+    progress: Arc<dyn Progress>,
+    concurrency: usize,
+}
+
+/// Runs `op` on the image of `src`, writing the result to `dst`. Layers stream; up to
+/// `concurrency` layers are in flight at once. On failure the destination is told to
+/// [`abort`](ImageDest::abort), so nothing partial is left there.
+///
+/// # Errors
+/// [`Error::Layer`] naming the layer for per-layer failures (wrong key, tampered data…), other
+/// variants for image-level failures.
+pub async fn transform_image(
+    src: Arc<dyn ImageSource>,
+    dst: Arc<dyn ImageDest>,
+    op: Operation,
+    sel: LayerSelection,
+    progress: Arc<dyn Progress>,
+    concurrency: usize,
+) -> Result<TransformReport, Error> {
+    let ctx = Arc::new(Ctx {
+        src,
+        dst,
+        op,
+        sel,
+        progress,
+        concurrency: concurrency.max(1),
+    });
+    match run(&ctx).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            ctx.dst.abort().await;
+            Err(e)
+        }
+    }
+}
+
+fn is_index(media_type: &str, bytes: &[u8]) -> bool {
+    if media_type == mt::OCI_INDEX || media_type == mt::DOCKER_MANIFEST_LIST {
+        return true;
+    }
+    if media_type == mt::OCI_MANIFEST || media_type == mt::DOCKER_MANIFEST {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .map(|v| v.get("manifests").is_some())
+        .unwrap_or(false)
+}
+
+async fn run(ctx: &Arc<Ctx>) -> Result<TransformReport, Error> {
+    let root = ctx.src.root().await?;
+    let bytes = ctx.src.read_small(&root).await?;
+    let mut layers = Vec::new();
+    let (new_desc, new_bytes) = if is_index(root.media_type().as_ref(), &bytes) {
+        let index = ImageIndex::from_reader(&bytes[..])
+            .map_err(|e| Error::Image(format!("index {} does not parse: {e}", root.digest())))?;
+        let mut changed = false;
+        let mut children = Vec::new();
+        let mut any_selected = false;
+        for child in index.manifests() {
+            let selected = ctx.sel.platform_selected(child.platform().as_ref());
+            any_selected |= selected;
+            let (desc, bytes, reps) = process_manifest(ctx, child, selected).await?;
+            ctx.dst.write_manifest(&bytes, desc.media_type().as_ref()).await?;
+            changed |= desc.digest() != child.digest();
+            layers.extend(reps);
+            children.push(desc);
+        }
+        if !any_selected {
+            return Err(Error::Image(format!(
+                "no manifest of {} matches platform(s) {}; available: {}",
+                ctx.src.describe(),
+                ctx.sel.platforms.join(", "),
+                index
+                    .manifests()
+                    .iter()
+                    .filter_map(|d| d.platform().as_ref().map(platform_name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if changed {
+            let mut new_index = index.clone();
+            new_index.set_manifests(children);
+            new_index.set_media_type(Some(MediaType::ImageIndex));
+            let b = canonical_json(&new_index)?;
+            let d = super::layout::descriptor(mt::OCI_INDEX, &super::digest::sha256_digest(&b), b.len() as u64)?;
+            (d, b)
+        } else {
+            (root.clone(), bytes)
+        }
+    } else {
+        let (d, b, reps) = process_manifest(ctx, &root, true).await?;
+        layers.extend(reps);
+        (d, b)
+    };
+    let mut out_desc = new_desc.clone();
+    out_desc.set_annotations(None);
+    out_desc.set_platform(None);
+    ctx.dst.set_root(&out_desc, &new_bytes).await?;
+    Ok(TransformReport {
+        digest: out_desc.digest().to_string(),
+        media_type: out_desc.media_type().to_string(),
+        layers,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Keep,
+    Encrypt,
+    Decrypt,
+    Rewrap,
+}
+
+async fn process_manifest(
+    ctx: &Arc<Ctx>,
+    desc: &Descriptor,
+    selected: bool,
+) -> Result<(Descriptor, Vec<u8>, Vec<LayerReport>), Error> {
+    let bytes = ctx.src.read_small(desc).await?;
+    let manifest = ImageManifest::from_reader(&bytes[..])
+        .map_err(|e| Error::Image(format!("manifest {} does not parse: {e}", desc.digest())))?;
+    let image_name = match desc.platform() {
+        Some(p) => format!("{} ({})", ctx.src.describe(), platform_name(p)),
+        None => ctx.src.describe(),
+    };
+    let count = manifest.layers().len();
+    let mut actions = Vec::with_capacity(count);
+    for (i, layer) in manifest.layers().iter().enumerate() {
+        let chosen = selected && ctx.sel.layer_selected(i, count)?;
+        let media = layer.media_type().to_string();
+        let encrypted = mt::is_encrypted(&media);
+        let action = match (&ctx.op, chosen) {
+            (_, false) | (Operation::Copy, _) => Action::Keep,
+            (Operation::Encrypt { .. }, true) => {
+                if encrypted {
+                    return Err(Error::Layer {
+                        image: image_name.clone(),
+                        index: i,
+                        digest: layer.digest().to_string(),
+                        source: Box::new(Error::AlreadyEncrypted { media_type: media }),
+                    });
+                }
+                if !mt::is_encryptable_layer(&media) {
+                    if ctx.sel.layers.is_empty() {
+                        Action::Keep // foreign layers, attestations: passed through
+                    } else {
+                        return Err(Error::Layer {
+                            image: image_name.clone(),
+                            index: i,
+                            digest: layer.digest().to_string(),
+                            source: Box::new(Error::UnsupportedMediaType { media_type: media }),
+                        });
+                    }
+                } else {
+                    Action::Encrypt
+                }
+            }
+            (Operation::Decrypt { .. }, true) if encrypted => Action::Decrypt,
+            (Operation::AddRecipients { .. } | Operation::SetRecipients { .. }, true) if encrypted => {
+                Action::Rewrap
+            }
+            _ => Action::Keep,
+        };
+        actions.push(action);
+    }
+
+    // Config: copied as is.
+    copy_blob(ctx, manifest.config()).await?;
+
+    let platform = desc.platform().as_ref().map(platform_name);
+    let manifest_digest = desc.digest().to_string();
+    let jobs = manifest.layers().iter().cloned().enumerate().zip(actions.iter().copied()).map(|((i, layer), action)| {
+        let ctx = Arc::clone(ctx);
+        let image_name = image_name.clone();
+        async move {
+            let digest = layer.digest().to_string();
+            let handle = tokio::spawn(async move { process_layer(&ctx, &layer, action, i).await });
+            let res = match handle.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Image(format!("layer task failed: {e}"))),
+            };
+            res.map_err(|e| match e {
+                e @ Error::Layer { .. } => e,
+                e => Error::Layer {
+                    image: image_name,
+                    index: i,
+                    digest,
+                    source: Box::new(e),
+                },
+            })
+        }
+    });
+    let results: Vec<Result<Descriptor, Error>> =
+        futures::stream::iter(jobs).buffered(ctx.concurrency).collect().await;
+    let mut new_layers = Vec::with_capacity(count);
+    let mut reports = Vec::new();
+    for ((res, old), action) in results.into_iter().zip(manifest.layers()).zip(&actions) {
+        let d = res?;
+        reports.push(LayerReport {
+            manifest: manifest_digest.clone(),
+            platform: platform.clone(),
+            index: new_layers.len(),
+            action: match action {
+                Action::Keep => "kept",
+                Action::Encrypt => "encrypted",
+                Action::Decrypt => "decrypted",
+                Action::Rewrap => "rewrapped",
+            },
+            from: old.digest().to_string(),
+            to: d.digest().to_string(),
+            size: d.size(),
+        });
+        new_layers.push(d);
+    }
+    if actions.iter().all(|a| *a == Action::Keep) {
+        return Ok((desc.clone(), bytes, reports));
+    }
+    let mut m = manifest.clone();
+    let encrypting = actions.contains(&Action::Encrypt);
+    if encrypting {
+        // Encrypted layers need an OCI manifest (as containers/image and imgcrypt require).
+        m.set_media_type(Some(MediaType::ImageManifest));
+        if m.config().media_type().to_string() == "application/vnd.docker.container.image.v1+json" {
+            let mut c = m.config().clone();
+            c.set_media_type(MediaType::ImageConfig);
+            m.set_config(c);
+        }
+        for l in &mut new_layers {
+            let s = l.media_type().to_string();
+            let oci = match s.as_str() {
+                mt::DOCKER_LAYER_TAR => Some(mt::OCI_LAYER_TAR),
+                mt::DOCKER_LAYER_TAR_GZIP => Some(mt::OCI_LAYER_TAR_GZIP),
+                _ => None,
+            };
+            if let Some(o) = oci {
+                l.set_media_type(MediaType::from(o));
+            }
+        }
+    }
+    m.set_layers(new_layers);
+    let out = canonical_json(&m)?;
+    let media = m
+        .media_type()
+        .as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| desc.media_type().to_string());
+    let mut d = super::layout::descriptor(&media, &super::digest::sha256_digest(&out), out.len() as u64)?;
+    d.set_platform(desc.platform().clone());
+    d.set_annotations(desc.annotations().clone());
+    Ok((d, out, reports))
+}
+
+async fn copy_blob(ctx: &Ctx, desc: &Descriptor) -> Result<(), Error> {
+    if ctx.dst.has_blob(desc).await? {
+        return Ok(());
+    }
+    let mut r = ctx.src.open_blob(desc).await?;
+    let (digest, _) = ctx.dst.write_blob(desc.media_type().as_ref(), Some(desc.size()), &mut r).await?;
+    if digest != desc.digest().to_string() {
+        return Err(Error::DigestMismatch {
+            what: format!("copy of {}", desc.digest()),
+            expected: desc.digest().to_string(),
+            actual: digest,
+        });
+    }
+    Ok(())
+}
+
+fn annotations_of(desc: &Descriptor) -> BTreeMap<String, String> {
+    desc.annotations()
+        .as_ref()
+        .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn without_enc(desc: &Descriptor) -> HashMap<String, String> {
+    desc.annotations()
+        .as_ref()
+        .map(|a| {
+            a.iter()
+                .filter(|(k, _)| !k.starts_with(ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index: usize) -> Result<Descriptor, Error> {
+    let id = format!("{}", layer.digest());
+    let short = id.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+    match action {
+        Action::Keep => {
+            ctx.progress.start(&short, layer.size(), "copy");
+            copy_blob(ctx, layer).await?;
+            ctx.progress.finish(&short);
+            Ok(layer.clone())
+        }
+        Action::Encrypt => {
+            let Operation::Encrypt { wrappers } = &ctx.op else {
+                unreachable!("encrypt action only for encrypt op")
+            };
+            let media = mt::encrypted_media_type(layer.media_type().as_ref())?;
+            ctx.progress.start(&short, layer.size(), "encrypt");
+            let key = LayerKey::generate();
+            let nonce = Nonce::generate();
+            let src = ctx.src.open_blob(layer).await?;
+            let counted = Counted::new(src, Arc::clone(&ctx.progress), short.clone());
+            let mut enc = cipher::tokio::EncryptReader::new(counted, &key, &nonce);
+            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut enc).await?;
+            let (_, mac) = enc.finish()?;
+            // The source reader verified the plaintext against this digest at end-of-file, so it
+            // is the digest of the bytes actually encrypted.
+            let private = PrivateLayerOptions::new(&key, &nonce, layer.digest().to_string());
+            let public = PublicLayerOptions::new(&mac);
+            let enc_ann = wrap_options(&private, &public, wrappers).await?;
+            let mut ann = without_enc(layer);
+            ann.extend(enc_ann);
+            let mut d = super::layout::descriptor(&media, &digest, size)?;
+            d.set_annotations(Some(ann));
+            d.set_urls(layer.urls().clone());
+            ctx.progress.finish(&short);
+            Ok(d)
+        }
+        Action::Decrypt => {
+            let Operation::Decrypt { unwrappers } = &ctx.op else {
+                unreachable!("decrypt action only for decrypt op")
+            };
+            let media = mt::decrypted_media_type(layer.media_type().as_ref())?;
+            let (private, public) = unwrap_options(&annotations_of(layer), unwrappers).await?;
+            let key = private.key()?;
+            let nonce = public.nonce(&private)?;
+            ctx.progress.start(&short, layer.size(), "decrypt");
+            let src = ctx.src.open_blob(layer).await?;
+            let counted = Counted::new(src, Arc::clone(&ctx.progress), short.clone());
+            let mut dec = cipher::tokio::DecryptReader::new(counted, &key, &nonce, &public.hmac)?;
+            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut dec).await?;
+            if !dec.is_verified() {
+                return Err(Error::AuthenticationFailed);
+            }
+            let mut d = super::layout::descriptor(&media, &digest, size)?;
+            let ann = without_enc(layer);
+            d.set_annotations(if ann.is_empty() { None } else { Some(ann) });
+            d.set_urls(layer.urls().clone());
+            ctx.progress.finish(&short);
+            let _ = index;
+            Ok(d)
+        }
+        Action::Rewrap => {
+            let (unwrappers, wrappers, replace) = match &ctx.op {
+                Operation::AddRecipients { unwrappers, wrappers } => (unwrappers, wrappers, false),
+                Operation::SetRecipients { unwrappers, wrappers } => (unwrappers, wrappers, true),
+                _ => unreachable!("rewrap action only for recipient ops"),
+            };
+            let old = annotations_of(layer);
+            let (private, public) = unwrap_options(&old, unwrappers).await?;
+            let new = wrap_options(&private, &public, wrappers).await?;
+            let mut ann: HashMap<String, String> = if replace {
+                without_enc(layer)
+            } else {
+                layer.annotations().clone().unwrap_or_default()
+            };
+            for (k, v) in new {
+                if k == mt::PUBOPTS_ANNOTATION {
+                    ann.insert(k, v);
+                    continue;
+                }
+                match ann.get_mut(&k) {
+                    Some(existing) if !existing.is_empty() => {
+                        existing.push(',');
+                        existing.push_str(&v);
+                    }
+                    _ => {
+                        ann.insert(k, v);
+                    }
+                }
+            }
+            copy_blob(ctx, layer).await?;
+            let mut d = layer.clone();
+            d.set_annotations(Some(ann));
+            Ok(d)
+        }
+    }
+}
+
+/// Counts bytes for progress reporting.
+struct Counted {
+    inner: super::BlobReader,
+    progress: Arc<dyn Progress>,
+    id: String,
+}
+
+impl Counted {
+    fn new(inner: super::BlobReader, progress: Arc<dyn Progress>, id: String) -> Self {
+        Self { inner, progress, id }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = self.inner.as_mut().poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            let n = (buf.filled().len() - before) as u64;
+            if n > 0 {
+                self.progress.advance(&self.id, n);
+            }
+        }
+        r
+    }
+}
+
+/// One wrapped-key scheme on a layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct SchemeInfo {
+    /// `jwe`, `pkcs7`, `pgp`, `provider.<name>`…
+    pub scheme: String,
+    /// Comma entries (one per wrap operation).
+    pub entries: usize,
+    /// Recipients, where the scheme shows them (JWE: recipients per entry, summed).
+    pub recipients: Option<usize>,
+}
+
+/// One layer, as seen by [`inspect`].
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    /// Index in its manifest.
+    pub index: usize,
+    /// Digest.
+    pub digest: String,
+    /// Size.
+    pub size: u64,
+    /// Media type.
+    pub media_type: String,
+    /// Whether encrypted.
+    pub encrypted: bool,
+    /// Schemes it is encrypted for.
+    pub schemes: Vec<SchemeInfo>,
+}
+
+/// One manifest, as seen by [`inspect`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestInfo {
+    /// Digest.
+    pub digest: String,
+    /// Platform (multi-arch images).
+    pub platform: Option<String>,
+    /// Layers.
+    pub layers: Vec<LayerInfo>,
+}
+
+/// An image, as seen by [`inspect`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    /// The image reference.
+    pub image: String,
+    /// Digest of the top-level manifest or index.
+    pub digest: String,
+    /// Media type of the top-level manifest or index.
+    pub media_type: String,
+    /// Manifests (one unless multi-arch).
+    pub manifests: Vec<ManifestInfo>,
+}
+
+fn count_jwe_recipients(value: &str) -> Option<usize> {
+    let mut total = 0;
+    for entry in value.split(',').filter(|e| !e.is_empty()) {
+        let raw = decode_b64(entry).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+        total += v.get("recipients").and_then(|r| r.as_array()).map_or(1, Vec::len);
+    }
+    Some(total)
+}
+
+async fn manifests_of(src: &dyn ImageSource) -> Result<(Descriptor, Vec<(Descriptor, ImageManifest)>), Error> {
+    let root = src.root().await?;
+    let bytes = src.read_small(&root).await?;
+    let mut out = Vec::new();
+    if is_index(root.media_type().as_ref(), &bytes) {
+        let index = ImageIndex::from_reader(&bytes[..])
+            .map_err(|e| Error::Image(format!("index {} does not parse: {e}", root.digest())))?;
+        for child in index.manifests() {
+            let b = src.read_small(child).await?;
+            let m = ImageManifest::from_reader(&b[..])
+                .map_err(|e| Error::Image(format!("manifest {} does not parse: {e}", child.digest())))?;
+            out.push((child.clone(), m));
+        }
+    } else {
+        let m = ImageManifest::from_reader(&bytes[..])
+            .map_err(|e| Error::Image(format!("manifest {} does not parse: {e}", root.digest())))?;
+        out.push((root.clone(), m));
+    }
+    Ok((root, out))
+}
+
+/// Describes an image: which layers are encrypted, for which schemes and how many recipients.
+///
+/// # Errors
+/// Image-level errors (unreadable or malformed manifests).
+pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
+    let (root, manifests) = manifests_of(src).await?;
+    let manifests = manifests
+        .into_iter()
+        .map(|(d, m)| ManifestInfo {
+            digest: d.digest().to_string(),
+            platform: d.platform().as_ref().map(platform_name),
+            layers: m
+                .layers()
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let ann = annotations_of(l);
+                    let schemes = schemes_present(&ann)
+                        .into_iter()
+                        .map(|(scheme, entries)| {
+                            let recipients = if scheme == "jwe" {
+                                count_jwe_recipients(&ann[&mt::keys_annotation(&scheme)])
+                            } else {
+                                None
+                            };
+                            SchemeInfo {
+                                scheme,
+                                entries,
+                                recipients,
+                            }
+                        })
+                        .collect();
+                    LayerInfo {
+                        index: i,
+                        digest: l.digest().to_string(),
+                        size: l.size(),
+                        media_type: l.media_type().to_string(),
+                        encrypted: mt::is_encrypted(l.media_type().as_ref()),
+                        schemes,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(ImageInfo {
+        image: src.describe(),
+        digest: root.digest().to_string(),
+        media_type: root.media_type().to_string(),
+        manifests,
+    })
+}
+
+/// The outcome of [`check_authorization`] for one encrypted layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerCheck {
+    /// Platform, for multi-arch images.
+    pub platform: Option<String>,
+    /// Layer index.
+    pub index: usize,
+    /// Layer digest.
+    pub digest: String,
+    /// `None` when the keys unwrap it, else why not.
+    pub error: Option<String>,
+}
+
+/// Checks whether `unwrappers` can unwrap the key of every encrypted layer of every selected
+/// platform, without reading layer data. Returns one entry per encrypted layer; the image is
+/// authorized when every entry has no error (and at least one layer is encrypted or none
+/// needs to be).
+///
+/// # Errors
+/// Image-level errors only; per-layer failures are in the result.
+pub async fn check_authorization(
+    src: &dyn ImageSource,
+    unwrappers: &[Arc<dyn AsyncKeyUnwrapper>],
+    sel: &LayerSelection,
+) -> Result<Vec<LayerCheck>, Error> {
+    let (_, manifests) = manifests_of(src).await?;
+    let mut out = Vec::new();
+    for (d, m) in manifests {
+        if !sel.platform_selected(d.platform().as_ref()) {
+            continue;
+        }
+        for (i, l) in m.layers().iter().enumerate() {
+            if !mt::is_encrypted(l.media_type().as_ref()) {
+                continue;
+            }
+            let r = unwrap_options(&annotations_of(l), unwrappers).await;
+            out.push(LayerCheck {
+                platform: d.platform().as_ref().map(platform_name),
+                index: i,
+                digest: l.digest().to_string(),
+                error: r.err().map(|e| keywrap::error_chain(&e)),
+            });
+        }
+    }
+    Ok(out)
+}
