@@ -29,6 +29,9 @@ pub struct OciLayout {
     tag: Option<String>,
     created: Mutex<Vec<PathBuf>>,
     index_lock: Mutex<()>,
+    /// What `open_or_create` made (the layout skeleton, and whether the directory itself),
+    /// removed again by `abort` so a failed operation leaves nothing behind.
+    skeleton: Mutex<Option<bool>>,
 }
 
 impl OciLayout {
@@ -54,13 +57,18 @@ impl OciLayout {
     /// empty and is not a layout.
     pub fn open_or_create(root: impl Into<PathBuf>, tag: Option<&str>) -> Result<Self, Error> {
         let root = root.into();
-        let empty = !root.exists() || fs::read_dir(&root)?.next().is_none();
+        let existed = root.exists();
+        let empty = !existed || fs::read_dir(&root)?.next().is_none();
         if empty {
             fs::create_dir_all(root.join("blobs").join("sha256"))?;
             crate::fsutil::write_bytes_atomic(&root.join("oci-layout"), OCI_LAYOUT_CONTENT.as_bytes())?;
             crate::fsutil::write_bytes_atomic(&root.join("index.json"), br#"{"schemaVersion":2,"manifests":[]}"#)?;
         }
-        Self::open(root, tag)
+        let layout = Self::open(root, tag)?;
+        if empty {
+            *layout.skeleton.lock().expect("lock") = Some(!existed);
+        }
+        Ok(layout)
     }
 
     fn new(root: PathBuf, tag: Option<&str>) -> Self {
@@ -69,6 +77,7 @@ impl OciLayout {
             tag: tag.map(str::to_owned),
             created: Mutex::new(Vec::new()),
             index_lock: Mutex::new(()),
+            skeleton: Mutex::new(None),
         }
     }
 
@@ -301,6 +310,7 @@ impl ImageDest for OciLayout {
             self.put_bytes(bytes)?;
             self.set_ref(self.tag.as_deref(), desc)?;
             self.created.lock().expect("lock").clear();
+            *self.skeleton.lock().expect("lock") = None;
             Ok(())
         })
     }
@@ -310,6 +320,18 @@ impl ImageDest for OciLayout {
             let created = std::mem::take(&mut *self.created.lock().expect("lock"));
             for p in created {
                 let _ = fs::remove_file(p);
+            }
+            if let Some(made_root) = self.skeleton.lock().expect("lock").take() {
+                let untouched = self.index().map(|i| i.manifests().is_empty()).unwrap_or(false);
+                if untouched {
+                    let _ = fs::remove_file(self.root.join("index.json"));
+                    let _ = fs::remove_file(self.root.join("oci-layout"));
+                    let _ = fs::remove_dir(self.root.join("blobs").join("sha256"));
+                    let _ = fs::remove_dir(self.root.join("blobs"));
+                    if made_root {
+                        let _ = fs::remove_dir(&self.root);
+                    }
+                }
             }
         })
     }
