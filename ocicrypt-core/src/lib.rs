@@ -55,6 +55,8 @@ pub mod keys;
 pub mod keywrap;
 pub mod mediatype;
 pub mod options;
+#[cfg(feature = "jwe")]
+pub mod stream_processor;
 
 pub use error::Error;
 pub use keywrap::{AsyncKeyUnwrapper, AsyncKeyWrapper, KeyUnwrapper, KeyWrapper, UnwrapError, WrapError};

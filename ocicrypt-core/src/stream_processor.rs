@@ -1,0 +1,1 @@
+//! containerd stream processor (ctd-decoder compatible) logic.
