@@ -1,0 +1,369 @@
+//! Key directories, as container runtimes read them.
+//!
+//! CRI-O (`[crio.runtime] decryption_keys_path`, default `/etc/crio/keys/`) and containerd's
+//! `ctd-decoder --decryption-keys-path` walk the directory recursively, refuse symbolic links,
+//! read every file and hand them all to Go `ocicrypt/utils.SortDecryptionKeys`, which accepts
+//! per file: a GPG keyring (binary), a private key (no password possible), an X.509
+//! certificate, or a PKCS#11 key YAML — and fails the whole decryption, for every image, on
+//! anything else ("Unknown decryption key type"), including an encrypted private key or a SEC1
+//! PEM EC key (Go cannot parse those).
+//!
+//! * [`read_key_dir`] is that strict behaviour: use it to check a directory a runtime reads
+//!   (the key sync agent, `imgcrypt keys check`). A file that would break the runtime makes
+//!   it fail with [`KeyError::UnusableKeyFile`] or [`KeyError::Symlink`] naming the file.
+//! * [`read_key_dir_lenient`] is for our own decryption (`imgcrypt decrypt --key-dir`): it
+//!   takes every private key we can use (SEC1 PEM included), and lists every other file in
+//!   [`KeyDir::skipped`] with the reason instead of failing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::parse::{is_encrypted_pkcs8_der, openpgp_tag, read_key_file, sniff_non_key};
+use super::{KeyError, PrivateKey};
+use crate::keys::pem;
+
+/// Directory levels walked at most (the runtimes have no limit; this only bounds the walk).
+const MAX_DEPTH: usize = 32;
+/// Files read at most.
+const MAX_FILES: usize = 10_000;
+
+/// What a file in a key directory is, as `SortDecryptionKeys` sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum KeyFileKind {
+    /// An unencrypted private key (RSA or EC).
+    PrivateKey(PrivateKey),
+    /// A password-protected private key: a runtime cannot use it (it has no way to get the
+    /// password) and fails on it.
+    EncryptedPrivateKey,
+    /// An X.509 certificate (Go collects it for the pkcs7 scheme).
+    Certificate,
+    /// A binary OpenPGP secret keyring (for the pgp scheme).
+    GpgSecretKeyring,
+    /// A binary OpenPGP public keyring: Go's check accepts any keyring, so the runtime takes
+    /// it without complaint, but it cannot decrypt anything.
+    GpgPublicKeyring,
+    /// A PKCS#11 key YAML (`pkcs11: {uri: pkcs11:…}`).
+    Pkcs11Yaml,
+    /// Anything else: a runtime fails on it.
+    Unknown {
+        /// What was found, and what to do.
+        found: String,
+    },
+}
+
+impl KeyFileKind {
+    /// A short description for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            KeyFileKind::PrivateKey(k) => format!("{} private key ({})", k.describe(), k.format()),
+            KeyFileKind::EncryptedPrivateKey => "an encrypted private key".into(),
+            KeyFileKind::Certificate => "an X.509 certificate".into(),
+            KeyFileKind::GpgSecretKeyring => "a GPG secret keyring".into(),
+            KeyFileKind::GpgPublicKeyring => "a GPG public keyring".into(),
+            KeyFileKind::Pkcs11Yaml => "a PKCS#11 key YAML".into(),
+            KeyFileKind::Unknown { found } => found.clone(),
+        }
+    }
+}
+
+/// Classifies the contents of one key-directory file, in the order Go checks: GPG keyring,
+/// private key, certificate, PKCS#11 YAML.
+pub fn classify_key_file(bytes: &[u8], source_name: &str) -> KeyFileKind {
+    match openpgp_tag(bytes) {
+        Some(5) if openpgp_packet_plausible(bytes) => return KeyFileKind::GpgSecretKeyring,
+        Some(6) if openpgp_packet_plausible(bytes) => return KeyFileKind::GpgPublicKeyring,
+        _ => {}
+    }
+    match PrivateKey::from_bytes(bytes, None, source_name) {
+        Ok(k) => return KeyFileKind::PrivateKey(k),
+        Err(KeyError::NeedsPassword { .. }) => return KeyFileKind::EncryptedPrivateKey,
+        Err(_) => {}
+    }
+    if is_certificate(bytes) {
+        return KeyFileKind::Certificate;
+    }
+    if is_pkcs11_yaml(bytes) {
+        return KeyFileKind::Pkcs11Yaml;
+    }
+    if is_encrypted_pkcs8_der(bytes) {
+        return KeyFileKind::EncryptedPrivateKey;
+    }
+    // Say why the private key parse failed when it looked like a key.
+    let found = match PrivateKey::from_bytes(bytes, None, source_name) {
+        Err(KeyError::Unsupported { found, .. }) => found,
+        Err(KeyError::UnsupportedAlgorithm { found, .. }) => format!("a key of an unsupported type: {found}"),
+        Err(KeyError::Malformed { what, reason, .. }) => format!("a malformed {what}: {reason}"),
+        Err(e) => e.to_string(),
+        Ok(_) => sniff_non_key(bytes),
+    };
+    KeyFileKind::Unknown { found }
+}
+
+fn is_certificate(bytes: &[u8]) -> bool {
+    if pem::contains_pem(bytes) {
+        pem::parse_blocks(bytes).is_ok_and(|bs| {
+            bs.iter().any(|b| {
+                matches!(b.label.as_str(), "CERTIFICATE" | "X509 CERTIFICATE")
+                    && openssl::x509::X509::from_der(&b.der).is_ok()
+            })
+        })
+    } else {
+        openssl::x509::X509::from_der(bytes).is_ok()
+    }
+}
+
+/// The shape of an ocicrypt PKCS#11 key file: a top-level `pkcs11:` map with a `uri:` that
+/// is a `pkcs11:` URI.
+fn is_pkcs11_yaml(bytes: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    let mut in_pkcs11 = false;
+    for line in text.lines() {
+        let trimmed = line.trim_end();
+        if trimmed.is_empty() || trimmed.trim_start().starts_with('#') {
+            continue;
+        }
+        let indented = line.starts_with(' ') || line.starts_with('\t');
+        if !indented {
+            in_pkcs11 = trimmed == "pkcs11:";
+            continue;
+        }
+        if in_pkcs11 {
+            if let Some(v) = trimmed.trim_start().strip_prefix("uri:") {
+                let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
+                if v.starts_with("pkcs11:") {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// A minimal check that the first OpenPGP packet has a sane length and a known key version.
+fn openpgp_packet_plausible(bytes: &[u8]) -> bool {
+    let first = bytes[0];
+    let (header, len) = if first & 0x40 != 0 {
+        // New format.
+        match bytes.get(1) {
+            Some(&l) if l < 192 => (2, usize::from(l)),
+            Some(&l) if l < 224 => match bytes.get(2) {
+                Some(&l2) => (3, ((usize::from(l) - 192) << 8) + usize::from(l2) + 192),
+                None => return false,
+            },
+            Some(255) if bytes.len() >= 6 => (
+                6,
+                u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize,
+            ),
+            _ => return false,
+        }
+    } else {
+        match first & 0x03 {
+            0 if bytes.len() >= 2 => (2, usize::from(bytes[1])),
+            1 if bytes.len() >= 3 => (3, usize::from(u16::from_be_bytes([bytes[1], bytes[2]]))),
+            2 if bytes.len() >= 5 => (
+                5,
+                u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize,
+            ),
+            _ => return false,
+        }
+    };
+    len >= 6 && header + len <= bytes.len() && matches!(bytes.get(header), Some(3..=6))
+}
+
+/// The usable contents of a key directory.
+#[derive(Debug, Default)]
+pub struct KeyDir {
+    /// Private keys, sorted by path.
+    pub keys: Vec<KeyDirEntry>,
+    /// Files a runtime accepts but that hold no key for the JWE scheme (certificates, GPG
+    /// keyrings, PKCS#11 YAML), with what they are.
+    pub ignored: Vec<SkippedKeyFile>,
+    /// [`read_key_dir_lenient`] only: files a runtime would fail on, with the reason. Always
+    /// empty after [`read_key_dir`] (it fails instead).
+    pub skipped: Vec<SkippedKeyFile>,
+}
+
+impl KeyDir {
+    /// The private keys, dropping the paths.
+    pub fn into_private_keys(self) -> Vec<PrivateKey> {
+        self.keys.into_iter().map(|e| e.key).collect()
+    }
+}
+
+/// One private key of a key directory.
+#[derive(Debug)]
+pub struct KeyDirEntry {
+    /// Its file.
+    pub path: PathBuf,
+    /// The key.
+    pub key: PrivateKey,
+}
+
+/// A file of a key directory that gives no usable key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedKeyFile {
+    /// The file.
+    pub path: PathBuf,
+    /// What it is or why it was skipped.
+    pub reason: String,
+}
+
+/// Reads a key directory strictly, as CRI-O and containerd's `ctd-decoder` do: every file must
+/// be something Go `SortDecryptionKeys` accepts. A symbolic link anywhere, a file that is not
+/// a regular file, an encrypted private key, a key Go cannot parse (SEC1 PEM, encrypted
+/// PKCS#8) or any other file makes the whole read fail with an error naming the file.
+///
+/// A missing directory is an [`KeyError::Io`] error with `NotFound` (CRI-O treats it as
+/// empty; check [`KeyError::is_not_found`] to do the same).
+///
+/// # Errors
+/// [`KeyError::Io`], [`KeyError::Symlink`], [`KeyError::UnusableKeyFile`].
+pub fn read_key_dir(dir: &Path) -> Result<KeyDir, KeyError> {
+    read(dir, true)
+}
+
+/// Reads a key directory leniently, for our own decryption: takes every private key this
+/// crate can use (SEC1 PEM included) and lists every other file in [`KeyDir::ignored`] or
+/// [`KeyDir::skipped`] with the reason. Fails only if the directory itself cannot be read or
+/// is a symbolic link.
+///
+/// # Errors
+/// [`KeyError::Io`], [`KeyError::Symlink`] (for `dir` itself).
+pub fn read_key_dir_lenient(dir: &Path) -> Result<KeyDir, KeyError> {
+    read(dir, false)
+}
+
+fn read(dir: &Path, strict: bool) -> Result<KeyDir, KeyError> {
+    let meta = fs::symlink_metadata(dir).map_err(|source| KeyError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(KeyError::Symlink { path: dir.to_owned() });
+    }
+    if !meta.is_dir() {
+        return Err(KeyError::Io {
+            path: dir.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+        });
+    }
+    let mut out = KeyDir::default();
+    let mut count = 0;
+    walk(dir, 0, strict, &mut out, &mut count)?;
+    Ok(out)
+}
+
+fn walk(dir: &Path, depth: usize, strict: bool, out: &mut KeyDir, count: &mut usize) -> Result<(), KeyError> {
+    let io = |path: &Path, source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if depth > MAX_DEPTH {
+        return Err(io(
+            dir,
+            std::io::Error::other(format!("key directory nested deeper than {MAX_DEPTH} levels")),
+        ));
+    }
+    let mut entries = fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io(dir, e))?;
+    entries.sort();
+    for path in entries {
+        let skip = |out: &mut KeyDir, reason: String| -> Result<(), KeyError> {
+            if strict {
+                Err(KeyError::UnusableKeyFile {
+                    path: path.clone(),
+                    reason,
+                })
+            } else {
+                out.skipped.push(SkippedKeyFile {
+                    path: path.clone(),
+                    reason,
+                });
+                Ok(())
+            }
+        };
+        let meta = fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            if strict {
+                return Err(KeyError::Symlink { path });
+            }
+            skip(out, "a symbolic link (not followed in key directories)".into())?;
+            continue;
+        }
+        if ft.is_dir() {
+            walk(&path, depth + 1, strict, out, count)?;
+            continue;
+        }
+        if !ft.is_file() {
+            skip(out, "not a regular file".into())?;
+            continue;
+        }
+        *count += 1;
+        if *count > MAX_FILES {
+            return Err(io(
+                dir,
+                std::io::Error::other(format!("key directory holds more than {MAX_FILES} files")),
+            ));
+        }
+        let bytes = match read_regular_file(&path, &meta) {
+            Ok(b) => b,
+            Err(KeyError::Unsupported { found, .. }) => {
+                skip(out, found)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let name = path.display().to_string();
+        match classify_key_file(&bytes, &name) {
+            KeyFileKind::PrivateKey(key) => {
+                if strict && !key.format().go_ocicrypt_reads() {
+                    skip(
+                        out,
+                        format!(
+                            "a {} private key, which Go ocicrypt cannot read; convert it with: openssl pkcs8 -topk8 -nocrypt -in {name} -out {name}.p8.pem (and remove the original)",
+                            key.format()
+                        ),
+                    )?;
+                    continue;
+                }
+                out.keys.push(KeyDirEntry { path, key });
+            }
+            KeyFileKind::EncryptedPrivateKey => skip(
+                out,
+                format!(
+                    "an encrypted private key: a runtime cannot ask for its password; store it decrypted (openssl pkey -in {name} -out PLAIN.pem) or remove it"
+                ),
+            )?,
+            KeyFileKind::Unknown { found } => skip(out, format!("unknown decryption key type: {found}"))?,
+            other => out.ignored.push(SkippedKeyFile {
+                path,
+                reason: other.describe(),
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a file found by the walk, checking it is still the same regular file (no swap for a
+/// symbolic link between the `lstat` and the `open`).
+fn read_regular_file(path: &Path, lmeta: &fs::Metadata) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let bytes = read_key_file(path)?;
+    let meta = fs::metadata(path).map_err(|source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.dev() != lmeta.dev() || meta.ino() != lmeta.ino() {
+        return Err(KeyError::Symlink {
+            path: path.to_owned(),
+        });
+    }
+    Ok(bytes)
+}
