@@ -25,6 +25,7 @@ use crate::Error;
 pub mod digest;
 pub mod layout;
 pub mod ops;
+pub mod pipeline;
 
 pub use ops::{
     check_authorization, inspect, transform_image, ImageInfo, LayerInfo, LayerSelection, ManifestInfo,

@@ -11,7 +11,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Serialize;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use super::{canonical_json, ImageDest, ImageSource};
+use super::{canonical_json, pipeline, ImageDest, ImageSource};
 use crate::cipher::{self, LayerKey, Nonce};
 use crate::keywrap::{self, schemes_present, unwrap_options, wrap_options, AsyncKeyUnwrapper, AsyncKeyWrapper};
 use crate::mediatype::{self as mt, ANNOTATION_PREFIX};
@@ -460,10 +460,16 @@ async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index
             ctx.progress.start(&short, layer.size(), "encrypt");
             let key = LayerKey::generate();
             let nonce = Nonce::generate();
+            // Three stages on their own tasks: source read + digest check | CTR + HMAC |
+            // destination digest + write.
             let src = ctx.src.open_blob(layer).await?;
             let counted = Counted::new(src, Arc::clone(&ctx.progress), short.clone());
-            let mut enc = cipher::tokio::EncryptReader::new(counted, &key, &nonce);
-            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut enc).await?;
+            let (plain, _) = pipeline::spawn(counted, pipeline::CHUNK, pipeline::DEPTH);
+            let enc = cipher::tokio::EncryptReader::new(plain, &key, &nonce);
+            let (mut cipher_stream, enc_task) = pipeline::spawn(enc, pipeline::CHUNK, pipeline::DEPTH);
+            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut cipher_stream).await?;
+            drop(cipher_stream);
+            let enc = enc_task.await.map_err(|e| Error::Image(format!("encrypt task failed: {e}")))?;
             let (_, mac) = enc.finish()?;
             // The source reader verified the plaintext against this digest at end-of-file, so it
             // is the digest of the bytes actually encrypted.
@@ -489,8 +495,13 @@ async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index
             ctx.progress.start(&short, layer.size(), "decrypt");
             let src = ctx.src.open_blob(layer).await?;
             let counted = Counted::new(src, Arc::clone(&ctx.progress), short.clone());
-            let mut dec = cipher::tokio::DecryptReader::new(counted, &key, &nonce, &public.hmac)?;
-            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut dec).await?;
+            let (cipher_stream, _) = pipeline::spawn(counted, pipeline::CHUNK, pipeline::DEPTH);
+            let dec = cipher::tokio::DecryptReader::new(cipher_stream, &key, &nonce, &public.hmac)?;
+            let (mut plain, dec_task) = pipeline::spawn(dec, pipeline::CHUNK, pipeline::DEPTH);
+            // A MAC mismatch fails the stream before its end, so the destination discards it.
+            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut plain).await?;
+            drop(plain);
+            let dec = dec_task.await.map_err(|e| Error::Image(format!("decrypt task failed: {e}")))?;
             if !dec.is_verified() {
                 return Err(Error::AuthenticationFailed);
             }
