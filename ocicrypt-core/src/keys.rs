@@ -55,6 +55,8 @@ pub use dir::{
 #[cfg(feature = "jwe")]
 pub use generate::{generate_ec, generate_rsa};
 #[cfg(feature = "jwe")]
+pub(crate) use parse::ec_coordinates as parse_ec_coordinates;
+#[cfg(feature = "jwe")]
 pub use parse::{Curve, KeyFormat, KeyKind, PrivateKey, PublicKey, MAX_KEY_FILE_SIZE};
 
 /// Why a key could not be read or used.

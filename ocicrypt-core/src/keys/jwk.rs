@@ -51,7 +51,7 @@ fn b64url(s: &str) -> Result<Zeroizing<Vec<u8>>, base64::DecodeError> {
 }
 
 /// Base64url without padding, as JOSE writes byte fields.
-#[allow(dead_code)] // used by the JWE module
+#[cfg(test)]
 pub(crate) fn b64url_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

@@ -315,7 +315,6 @@ impl PublicKey {
         self.pkey.public_eq(&other.pkey)
     }
 
-    #[allow(dead_code)] // used by the JWE module
     pub(crate) fn pkey(&self) -> &PKeyRef<Public> {
         &self.pkey
     }
@@ -454,7 +453,6 @@ impl PrivateKey {
         Ok(Zeroizing::new(String::from_utf8_lossy(&pem).into_owned()))
     }
 
-    #[allow(dead_code)] // used by the JWE module
     pub(crate) fn pkey(&self) -> &PKeyRef<Private> {
         &self.pkey
     }
@@ -833,7 +831,6 @@ fn public_from_der(bytes: &[u8], source_name: &str) -> Result<(PKey<Public>, Key
 }
 
 /// The affine coordinates of an EC public key, left-padded to the field length.
-#[allow(dead_code)] // used by the JWE module
 pub(crate) fn ec_coordinates<T: HasPublic>(
     ec: &EcKey<T>,
     curve: Curve,

@@ -1,0 +1,235 @@
+//! Key parsing and the JWE scheme against the committed Go-made vectors (skopeo 1.9.3), through
+//! the whole unwrap path (`keywrap::unwrap_options` → options → layer cipher), and our JWE
+//! output against an independent implementation (Python `cryptography`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use ocicrypt_core::jwe::{JweUnwrapper, JweWrapper};
+use ocicrypt_core::keys::{PrivateKey, PublicKey};
+use ocicrypt_core::keywrap::{unwrap_options, AsyncKeyUnwrapper};
+use ocicrypt_core::mediatype::keys_annotation;
+use ocicrypt_core::options::decode_b64;
+use ocicrypt_core::{cipher, Error, KeyWrapper, UnwrapError};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn vectors() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors")
+}
+
+fn key(name: &str, password: Option<&str>) -> PrivateKey {
+    PrivateKey::from_file(&vectors().join("keys").join(name), password.map(str::as_bytes))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let bytes = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&bytes)),
+        hex,
+        "blob {digest} is intact"
+    );
+    bytes
+}
+
+/// The first layer of the layout's image: (annotations, blob).
+fn layer(name: &str) -> (BTreeMap<String, String>, Vec<u8>) {
+    let dir = vectors().join("layouts").join(name);
+    let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&blob(&dir, index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let l = &manifest["layers"][0];
+    let annotations = l["annotations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    (annotations, blob(&dir, l["digest"].as_str().unwrap()))
+}
+
+async fn decrypt(layout: &str, keys: Vec<PrivateKey>) -> Result<Vec<u8>, Error> {
+    let (annotations, mut data) = layer(layout);
+    let unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>> = vec![Arc::new(JweUnwrapper::new(keys))];
+    let (private, public) = unwrap_options(&annotations, &unwrappers).await?;
+    let key = private.key()?;
+    let nonce = public.nonce(&private)?;
+    cipher::decrypt_in_place(&key, &nonce, &public.hmac, &mut data)?;
+    Ok(data)
+}
+
+fn source_layer() -> Vec<u8> {
+    let (_, data) = layer("src");
+    assert_eq!(data.len(), 185);
+    data
+}
+
+#[tokio::test]
+async fn enc_jwe_general_json_with_rsa_and_with_ec() {
+    let want = source_layer();
+    for k in ["rsa.pem", "ec.p8.pem"] {
+        let got = decrypt("enc-jwe", vec![key(k, None)])
+            .await
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+        assert_eq!(got, want, "{k}");
+    }
+}
+
+#[tokio::test]
+async fn enc_ec_flattened_with_every_ec_key_form() {
+    let want = source_layer();
+    // ec.sec1.pem is ignored by Go ocicrypt; we read it.
+    for k in ["ec.p8.pem", "ec.sec1.der", "ec.sec1.pem"] {
+        let got = decrypt("enc-ec", vec![key(k, None)])
+            .await
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+        assert_eq!(got, want, "{k}");
+    }
+}
+
+#[tokio::test]
+async fn enc_zstd_with_plain_and_encrypted_rsa_key() {
+    for (k, pw) in [("rsa.pem", None), ("rsa.enc.pem", Some("1234"))] {
+        let got = decrypt("enc-zstd", vec![key(k, pw)]).await.unwrap();
+        assert_eq!(&got[..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
+        let digest = hex::encode(Sha256::digest(&got));
+        assert!(digest.starts_with("483248e7"), "{k}: sha256:{digest}");
+    }
+}
+
+#[tokio::test]
+async fn enc_jwe_tampered_fails_authentication() {
+    match decrypt("enc-jwe-tampered", vec![key("rsa.pem", None)]).await {
+        Err(Error::AuthenticationFailed) => {}
+        other => panic!("expected AuthenticationFailed, got {:?}", other.map(|v| v.len())),
+    }
+}
+
+#[tokio::test]
+async fn wrong_key_and_wrong_scheme() {
+    // enc-ec is for the EC key only.
+    match decrypt("enc-ec", vec![key("rsa.pem", None), key("cert.key.pem", None)]).await {
+        Err(Error::Unwrap { attempts }) => {
+            assert_eq!(attempts.len(), 1);
+            assert!(
+                attempts[0].error.contains("none of the jwe keys"),
+                "{}",
+                attempts[0].error
+            );
+        }
+        other => panic!("{:?}", other.map(|v| v.len())),
+    }
+    // enc-p7 has no jwe annotation at all.
+    match decrypt("enc-p7", vec![key("rsa.pem", None)]).await {
+        Err(Error::NoKeyForScheme { schemes }) => assert_eq!(schemes, ["pkcs7"]),
+        other => panic!("{:?}", other.map(|v| v.len())),
+    }
+}
+
+#[test]
+fn raw_vector_blobs_unwrap_directly() {
+    use ocicrypt_core::KeyUnwrapper;
+    let (ann, _) = layer("enc-jwe");
+    let raw = decode_b64(&ann[&keys_annotation("jwe")]).unwrap();
+    let v: Value = serde_json::from_slice(&raw).unwrap();
+    assert!(
+        v.get("encrypted_key").is_some() && v.get("recipients").is_some(),
+        "go-jose quirk present"
+    );
+    let u = JweUnwrapper::new(vec![key("ec.sec1.der", None)]);
+    let opts: Value = serde_json::from_slice(&KeyUnwrapper::unwrap_key(&u, &raw).unwrap()).unwrap();
+    assert_eq!(
+        opts["digest"],
+        "sha256:1c1b98c9551f0866da476a38c850d62f2af2f409a18145a8c384be96fa37e8b2"
+    );
+    let u = JweUnwrapper::new(vec![key("cert.key.pem", None)]);
+    assert!(matches!(
+        KeyUnwrapper::unwrap_key(&u, &raw),
+        Err(UnwrapError::NoMatchingKey { .. })
+    ));
+}
+
+/// Whether `python3` with `cryptography` is usable; fails instead when tools are required.
+fn python_cryptography() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import cryptography.hazmat.primitives.keywrap"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("IMGCRYPT_REQUIRE_TOOLS").is_none(),
+            "python3 with the cryptography package is required (Debian package python3-cryptography)"
+        );
+        eprintln!("skipping: python3 -c 'import cryptography' does not work");
+    }
+    ok
+}
+
+fn python_unwrap(blob: &[u8], key_file: &Path) -> Result<Vec<u8>, String> {
+    let t = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(t.path(), blob).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/scripts/jwe_unwrap.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(t.path())
+        .arg(key_file)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn python_cryptography_reads_our_jwe() {
+    if !python_cryptography() {
+        return;
+    }
+    let k = vectors().join("keys");
+    let rsa = PublicKey::from_file(&k.join("rsa.pub.pem")).unwrap();
+    let ec = PublicKey::from_file(&k.join("ec.pub.pem")).unwrap();
+    let opts = br#"{"symkey":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","digest":"sha256:ab","cipheroptions":{"nonce":"AAECAwQFBgcICQoLDA0ODw=="}}"#;
+
+    // Flattened, one RSA recipient.
+    let flat = JweWrapper::new(vec![rsa.clone()])
+        .unwrap()
+        .wrap_keys(opts)
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&flat).contains("recipients"));
+    assert_eq!(python_unwrap(&flat, &k.join("rsa.pem")).unwrap(), opts);
+    assert!(
+        python_unwrap(&flat, &k.join("ec.p8.pem")).is_err(),
+        "the check can fail"
+    );
+
+    // General, RSA + EC.
+    let general = JweWrapper::new(vec![rsa, ec.clone()])
+        .unwrap()
+        .wrap_keys(opts)
+        .unwrap();
+    assert!(String::from_utf8_lossy(&general).contains("recipients"));
+    assert_eq!(python_unwrap(&general, &k.join("rsa.pem")).unwrap(), opts);
+    assert_eq!(python_unwrap(&general, &k.join("ec.p8.pem")).unwrap(), opts);
+    assert!(python_unwrap(&general, &k.join("cert.key.pem")).is_err());
+
+    // Flattened, one EC recipient.
+    let flat_ec = JweWrapper::new(vec![ec]).unwrap().wrap_keys(opts).unwrap();
+    assert_eq!(python_unwrap(&flat_ec, &k.join("ec.p8.pem")).unwrap(), opts);
+
+    // And the script agrees with Go's output in the vectors.
+    let (ann, _) = layer("enc-jwe");
+    let raw = decode_b64(&ann[&keys_annotation("jwe")]).unwrap();
+    let go = python_unwrap(&raw, &k.join("ec.p8.pem")).unwrap();
+    let ours =
+        ocicrypt_core::KeyUnwrapper::unwrap_key(&JweUnwrapper::new(vec![key("ec.p8.pem", None)]), &raw)
+            .unwrap();
+    assert_eq!(&go[..], &ours[..]);
+}
