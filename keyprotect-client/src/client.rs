@@ -1,0 +1,1081 @@
+//! The async Key Protect client.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use crate::error::{is_transient_status, Operation, Reason, TransportKind};
+use crate::types::{
+    Collection, CreateKey, Key, ListKeysOptions, RewrapOutput, RewrapResponse, Rewrapped, UnwrapOutput,
+    UnwrapResponse, WrapOutput, WrapResponse,
+};
+use crate::{b64, Error, KeyProtectConfig};
+
+/// Header carrying the instance GUID.
+pub const HEADER_INSTANCE: &str = "bluemix-instance";
+/// Header carrying the correlation id.
+pub const HEADER_CORRELATION: &str = "correlation-id";
+
+/// Environment variable naming a PEM CA bundle to trust in addition to the built-in roots.
+pub const ENV_CA_BUNDLE: &str = "KP_CA_BUNDLE";
+
+/// Transport and retry settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Per-request timeout (default 30 s).
+    pub request_timeout: Duration,
+    /// Connect timeout (default 10 s).
+    pub connect_timeout: Duration,
+    /// Maximum attempts per call, first one included (default 5).
+    pub max_attempts: u32,
+    /// First backoff step (default 1 s); the n-th retry waits a random time in
+    /// `0..=min(backoff_cap, backoff_base * 2^(n-1))` (full jitter).
+    pub backoff_base: Duration,
+    /// Backoff cap (default 30 s).
+    pub backoff_cap: Duration,
+    /// Longest `Retry-After` honoured (default 60 s); longer ones end the retries.
+    pub max_retry_after: Duration,
+    /// Overall bound on the time spent retrying one call (default 120 s).
+    pub retry_deadline: Duration,
+    /// Extra PEM CA certificates to trust (a bundle).
+    pub ca_bundle_pem: Option<Vec<u8>>,
+    /// Proxies from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (default true; ignored for loopback).
+    pub proxy_from_env: bool,
+    /// User agent.
+    pub user_agent: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(60),
+            retry_deadline: Duration::from_secs(120),
+            ca_bundle_pem: None,
+            proxy_from_env: true,
+            user_agent: concat!("imgcrypt-keyprotect-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Defaults, plus the CA bundle named by `KP_CA_BUNDLE` when set.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the bundle cannot be read.
+    pub fn from_env() -> Result<Self, Error> {
+        let mut o = Self::default();
+        if let Some(p) = std::env::var_os(ENV_CA_BUNDLE).filter(|p| !p.is_empty()) {
+            o = o.with_ca_bundle_file(Path::new(&p))?;
+        }
+        Ok(o)
+    }
+
+    /// Trusts the PEM certificates in `path` too.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the file cannot be read.
+    pub fn with_ca_bundle_file(mut self, path: &Path) -> Result<Self, Error> {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::Config(format!("cannot read CA bundle {}: {e}", path.display())))?;
+        self.ca_bundle_pem = Some(pem);
+        Ok(self)
+    }
+}
+
+struct CachedToken {
+    value: SecretString,
+    refresh_at: Instant,
+    expires_at: Instant,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    api_base: Url,
+    token_url: Url,
+    instance_id: String,
+    apikey: SecretString,
+    opts: ClientOptions,
+    token: Mutex<Option<CachedToken>>,
+    kp_url: String,
+}
+
+/// An IBM Key Protect client for one instance. Cheap to clone (shares one connection pool and
+/// one token cache).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("api_base", &self.inner.api_base.as_str())
+            .field("token_url", &self.inner.token_url.as_str())
+            .field("instance_id", &self.inner.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Body {
+    None,
+    Json(&'static str, Zeroizing<Vec<u8>>),
+}
+
+fn json_body(v: &Value) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(serde_json::to_vec(v).expect("json"))
+}
+
+struct Answer {
+    status: StatusCode,
+    body: Vec<u8>,
+    correlation_id: String,
+}
+
+impl Client {
+    /// A client with default options (and `KP_CA_BUNDLE` if set).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config.
+    pub fn new(config: KeyProtectConfig) -> Result<Self, Error> {
+        Self::with_options(config, ClientOptions::from_env()?)
+    }
+
+    /// A client with explicit options.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config or CA bundle.
+    pub fn with_options(config: KeyProtectConfig, opts: ClientOptions) -> Result<Self, Error> {
+        config.validate()?;
+        let api_base = config.api_base()?;
+        let token_url = config.iam_token_url()?;
+        let mut b = reqwest::Client::builder()
+            .timeout(opts.request_timeout)
+            .connect_timeout(opts.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(opts.user_agent.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(false);
+        if let Some(pem) = &opts.ca_bundle_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::Config(format!("CA bundle is not valid PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(Error::Config("CA bundle holds no certificate".into()));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let loopback = |u: &Url| u.scheme() == "http" || is_loopback_host(u);
+        if !opts.proxy_from_env || (loopback(&api_base) && loopback(&token_url)) {
+            b = b.no_proxy();
+        }
+        let http = b
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                api_base,
+                token_url,
+                instance_id: config.instance_id.trim().to_owned(),
+                apikey: config.apikey.clone(),
+                opts,
+                token: Mutex::new(None),
+                kp_url: config.url.clone(),
+            }),
+        })
+    }
+
+    /// The instance GUID this client talks to.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    /// The Key Protect URL as configured.
+    pub fn url(&self) -> &str {
+        &self.inner.kp_url
+    }
+
+    /// The IAM token URL in use.
+    pub fn token_url(&self) -> &Url {
+        &self.inner.token_url
+    }
+
+    // ---------------------------------------------------------------- key actions
+
+    /// Wraps `plaintext` (raw bytes; sent base64) with root key `key_id` (id or alias).
+    ///
+    /// # Errors
+    /// [`Error`]; 409 when the key is not active, 410 when deleted.
+    pub async fn wrap(
+        &self,
+        key_id: &str,
+        plaintext: &[u8],
+        aad: Option<&[String]>,
+    ) -> Result<WrapOutput, Error> {
+        if plaintext.is_empty() {
+            return Err(Error::InvalidInput("wrap: the plaintext is empty".into()));
+        }
+        #[derive(serde::Serialize)]
+        struct WrapRequest<'a> {
+            plaintext: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            aad: Option<&'a [String]>,
+        }
+        check_aad(aad)?;
+        let b64 = Zeroizing::new(b64::encode(plaintext));
+        let body = Zeroizing::new(
+            serde_json::to_vec(&WrapRequest {
+                plaintext: &b64,
+                aad: aad.filter(|a| !a.is_empty()),
+            })
+            .expect("json"),
+        );
+        let url = self.key_url(key_id, &["actions", "wrap"])?;
+        let a = self
+            .call(
+                Operation::Wrap,
+                Method::POST,
+                url,
+                Body::Json("application/vnd.ibm.kms.key_action_wrap+json", body),
+            )
+            .await?;
+        let w: WrapResponse = parse(Operation::Wrap, &a)?;
+        Ok(WrapOutput {
+            ciphertext: w.ciphertext,
+            key_version: w.key_version,
+            plaintext: None,
+        })
+    }
+
+    /// Asks Key Protect to generate a 32-byte data key and wrap it; returns both.
+    ///
+    /// # Errors
+    /// As [`wrap`](Self::wrap).
+    pub async fn wrap_generate(&self, key_id: &str, aad: Option<&[String]>) -> Result<WrapOutput, Error> {
+        let mut body = json!({});
+        add_aad(&mut body, aad)?;
+        let a = self.key_action(Operation::Wrap, key_id, "wrap", body).await?;
+        let w: WrapResponse = parse(Operation::Wrap, &a)?;
+        let p = w.plaintext.as_deref().ok_or_else(|| Error::BadResponse {
+            op: Operation::Wrap,
+            reason: "no plaintext in the answer to a wrap without plaintext".into(),
+            correlation_id: Some(a.correlation_id.clone()),
+        })?;
+        let plaintext = decode_plaintext(Operation::Wrap, p, &a.correlation_id)?;
+        Ok(WrapOutput {
+            ciphertext: w.ciphertext,
+            key_version: w.key_version,
+            plaintext: Some(plaintext),
+        })
+    }
+
+    /// Unwraps `ciphertext` (the exact string from wrap) with root key `key_id`. When the key was
+    /// rotated since, the answer also carries the ciphertext re-wrapped under the latest version.
+    ///
+    /// # Errors
+    /// [`Error`]: 409 suspended key, 410 deleted key, 422 wrong key or AAD.
+    pub async fn unwrap(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: Option<&[String]>,
+    ) -> Result<UnwrapOutput, Error> {
+        let ct = check_ciphertext(ciphertext)?;
+        let mut body = json!({ "ciphertext": ct });
+        add_aad(&mut body, aad)?;
+        let a = self.key_action(Operation::Unwrap, key_id, "unwrap", body).await?;
+        let u: UnwrapResponse = parse(Operation::Unwrap, &a)?;
+        let plaintext_b64 = Zeroizing::new(u.plaintext);
+        let plaintext = decode_plaintext(Operation::Unwrap, &plaintext_b64, &a.correlation_id)?;
+        let rewrapped = u
+            .ciphertext
+            .filter(|c| !c.is_empty() && c != ct)
+            .map(|c| Rewrapped {
+                ciphertext: c,
+                key_version: u.rewrapped_key_version,
+            });
+        Ok(UnwrapOutput {
+            plaintext,
+            key_version: u.key_version,
+            rewrapped,
+        })
+    }
+
+    /// Re-wraps `ciphertext` under the latest version of `key_id` without exposing the plaintext.
+    ///
+    /// # Errors
+    /// As [`unwrap`](Self::unwrap).
+    pub async fn rewrap(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: Option<&[String]>,
+    ) -> Result<RewrapOutput, Error> {
+        let ct = check_ciphertext(ciphertext)?;
+        let mut body = json!({ "ciphertext": ct });
+        add_aad(&mut body, aad)?;
+        let a = self.key_action(Operation::Rewrap, key_id, "rewrap", body).await?;
+        let r: RewrapResponse = parse(Operation::Rewrap, &a)?;
+        Ok(RewrapOutput {
+            ciphertext: r.ciphertext,
+            key_version: r.key_version,
+            rewrapped_key_version: r.rewrapped_key_version,
+        })
+    }
+
+    /// Rotates root key `key_id` (a new version; old ciphertexts keep working).
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn rotate_key(&self, key_id: &str) -> Result<(), Error> {
+        self.key_action(Operation::RotateKey, key_id, "rotate", json!({}))
+            .await
+            .map(drop)
+    }
+
+    /// Disables (suspends) key `key_id`.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn disable_key(&self, key_id: &str) -> Result<(), Error> {
+        self.key_action(Operation::DisableKey, key_id, "disable", Value::Null)
+            .await
+            .map(drop)
+    }
+
+    /// Enables a suspended key.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn enable_key(&self, key_id: &str) -> Result<(), Error> {
+        self.key_action(Operation::EnableKey, key_id, "enable", Value::Null)
+            .await
+            .map(drop)
+    }
+
+    /// Deletes (destroys) key `key_id`.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn delete_key(&self, key_id: &str) -> Result<(), Error> {
+        let url = self.key_url(key_id, &[])?;
+        self.call(Operation::DeleteKey, Method::DELETE, url, Body::None)
+            .await
+            .map(drop)
+    }
+
+    /// Key metadata (never the payload); works in every state.
+    ///
+    /// # Errors
+    /// [`Error`] (404 when unknown).
+    pub async fn get_key_metadata(&self, key_id: &str) -> Result<Key, Error> {
+        let url = self.key_url(key_id, &["metadata"])?;
+        let a = self
+            .call(Operation::GetKeyMetadata, Method::GET, url, Body::None)
+            .await?;
+        first_key(Operation::GetKeyMetadata, &a)
+    }
+
+    /// The key, with its payload for standard keys.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn get_key(&self, key_id: &str) -> Result<Key, Error> {
+        let url = self.key_url(key_id, &[])?;
+        let a = self.call(Operation::GetKey, Method::GET, url, Body::None).await?;
+        first_key(Operation::GetKey, &a)
+    }
+
+    /// Lists keys.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn list_keys(&self, o: &ListKeysOptions) -> Result<Vec<Key>, Error> {
+        let mut url = self.inner.api_base.join("keys").expect("static path");
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(l) = o.limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            if let Some(off) = o.offset {
+                q.append_pair("offset", &off.to_string());
+            }
+            if !o.states.is_empty() {
+                let s: Vec<String> = o.states.iter().map(|s| s.as_i64().to_string()).collect();
+                q.append_pair("state", &s.join(","));
+            }
+            if let Some(e) = o.extractable {
+                q.append_pair("extractable", if e { "true" } else { "false" });
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let a = self
+            .call(Operation::ListKeys, Method::GET, url, Body::None)
+            .await?;
+        let c: Collection<Key> = parse(Operation::ListKeys, &a)?;
+        Ok(c.resources)
+    }
+
+    /// Creates a root key named `name`.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn create_root_key(&self, name: &str) -> Result<Key, Error> {
+        self.create_key(&CreateKey {
+            name: name.to_owned(),
+            ..CreateKey::default()
+        })
+        .await
+    }
+
+    /// Creates a key.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn create_key(&self, k: &CreateKey) -> Result<Key, Error> {
+        if k.name.trim().is_empty() {
+            return Err(Error::InvalidInput("create key: the name is empty".into()));
+        }
+        let mut res = json!({
+            "type": "application/vnd.ibm.kms.key+json",
+            "name": k.name,
+            "extractable": k.extractable,
+        });
+        if let Some(d) = &k.description {
+            res["description"] = json!(d);
+        }
+        if !k.aliases.is_empty() {
+            res["aliases"] = json!(k.aliases);
+        }
+        if let Some(p) = &k.payload {
+            res["payload"] = json!(b64::encode(p));
+        }
+        let body = json!({
+            "metadata": { "collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1 },
+            "resources": [res],
+        });
+        let url = self.inner.api_base.join("keys").expect("static path");
+        let a = self
+            .call(
+                Operation::CreateKey,
+                Method::POST,
+                url,
+                Body::Json("application/vnd.ibm.kms.key+json", json_body(&body)),
+            )
+            .await?;
+        first_key(Operation::CreateKey, &a)
+    }
+
+    /// Fetches (or reuses) an IAM token; exposed for diagnostics (`imgcrypt kp check`).
+    ///
+    /// # Errors
+    /// [`Error::Iam`] or [`Error::Transport`].
+    pub async fn check_credentials(&self) -> Result<(), Error> {
+        self.token().await.map(drop)
+    }
+
+    // ---------------------------------------------------------------- plumbing
+
+    fn key_url(&self, key_id: &str, tail: &[&str]) -> Result<Url, Error> {
+        let id = key_id.trim();
+        if id.is_empty() {
+            return Err(Error::InvalidInput("the Key Protect key id is empty".into()));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(Error::InvalidInput(
+                "the Key Protect key id contains control characters".into(),
+            ));
+        }
+        let mut u = self.inner.api_base.clone();
+        u.path_segments_mut()
+            .expect("http(s) URL")
+            .pop_if_empty()
+            .push("keys")
+            .push(id)
+            .extend(tail);
+        Ok(u)
+    }
+
+    async fn key_action(
+        &self,
+        op: Operation,
+        key_id: &str,
+        action: &str,
+        body: Value,
+    ) -> Result<Answer, Error> {
+        let url = self.key_url(key_id, &["actions", action])?;
+        let ct = match action {
+            "wrap" => "application/vnd.ibm.kms.key_action_wrap+json",
+            "unwrap" => "application/vnd.ibm.kms.key_action_unwrap+json",
+            "rewrap" => "application/vnd.ibm.kms.key_action_rewrap+json",
+            "rotate" => "application/vnd.ibm.kms.key_action_rotate+json",
+            _ => "application/vnd.ibm.kms.key_action+json",
+        };
+        let body = if body.is_null() {
+            Body::None
+        } else {
+            Body::Json(ct, json_body(&body))
+        };
+        self.call(op, Method::POST, url, body).await
+    }
+
+    async fn call(&self, op: Operation, method: Method, url: Url, body: Body) -> Result<Answer, Error> {
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let host = url.host_str().unwrap_or("?").to_owned();
+        let body_bytes = match body {
+            Body::None => None,
+            Body::Json(ct, v) => Some((ct, v)),
+        };
+        let mut attempts = 0u32;
+        let mut reauthed = false;
+        loop {
+            attempts += 1;
+            let token = self.token().await?;
+            let mut headers = HeaderMap::new();
+            let mut auth =
+                HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).map_err(|_| {
+                    Error::BadResponse {
+                        op: Operation::Token,
+                        reason: "IAM returned an access token that is not a valid header value".into(),
+                        correlation_id: None,
+                    }
+                })?;
+            auth.set_sensitive(true);
+            headers.insert(AUTHORIZATION, auth);
+            headers.insert(
+                HEADER_INSTANCE,
+                HeaderValue::from_str(&self.inner.instance_id)
+                    .map_err(|_| Error::Config("instance-id is not a valid header value".into()))?,
+            );
+            headers.insert(
+                HEADER_CORRELATION,
+                HeaderValue::from_str(&correlation_id).expect("uuid"),
+            );
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+            let mut rb = self
+                .inner
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers);
+            if let Some((ct, bytes)) = &body_bytes {
+                rb = rb.header(CONTENT_TYPE, *ct).body(bytes.to_vec());
+            }
+            tracing::debug!(%op, attempt = attempts, %correlation_id, "key protect request");
+            let result = rb.send().await;
+            let retry_in = match result {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+                    let bytes = match resp.bytes().await {
+                        Ok(b) => b.to_vec(),
+                        Err(e) => {
+                            let kind = transport_kind(&e);
+                            match self.backoff(attempts, started, None, retryable_transport(op)) {
+                                Some(d) => {
+                                    tracing::warn!(%op, attempt = attempts, %correlation_id, "reading the response failed ({kind}); retrying");
+                                    tokio::time::sleep(d).await;
+                                    continue;
+                                }
+                                None => {
+                                    return Err(Error::Transport {
+                                        op,
+                                        kind,
+                                        host,
+                                        correlation_id: Some(correlation_id),
+                                        attempts,
+                                        source: e,
+                                    })
+                                }
+                            }
+                        }
+                    };
+                    if status.is_success() {
+                        return Ok(Answer {
+                            status,
+                            body: bytes,
+                            correlation_id,
+                        });
+                    }
+                    if status == StatusCode::UNAUTHORIZED && !reauthed {
+                        reauthed = true;
+                        tracing::info!(%op, %correlation_id, "key protect answered 401; fetching a new IAM token and retrying once");
+                        self.invalidate(&token).await;
+                        attempts -= 1;
+                        continue;
+                    }
+                    let err = api_error(op, status.as_u16(), &bytes, correlation_id.clone(), attempts);
+                    let retryable = is_transient_status(status.as_u16())
+                        && (op != Operation::CreateKey || status == StatusCode::TOO_MANY_REQUESTS);
+                    if !retryable {
+                        return Err(err);
+                    }
+                    match self.backoff(attempts, started, retry_after, true) {
+                        Some(d) => {
+                            tracing::warn!(%op, attempt = attempts, %correlation_id, status = status.as_u16(), delay_ms = d.as_millis() as u64, "key protect busy or failing; retrying");
+                            d
+                        }
+                        None => return Err(err),
+                    }
+                }
+                Err(e) => {
+                    let kind = transport_kind(&e);
+                    match self.backoff(
+                        attempts,
+                        started,
+                        None,
+                        retryable_transport(op) && kind != TransportKind::Other,
+                    ) {
+                        Some(d) => {
+                            tracing::warn!(%op, attempt = attempts, %correlation_id, "key protect {kind}; retrying");
+                            d
+                        }
+                        None => {
+                            return Err(Error::Transport {
+                                op,
+                                kind,
+                                host,
+                                correlation_id: Some(correlation_id),
+                                attempts,
+                                source: e.without_url(),
+                            })
+                        }
+                    }
+                }
+            };
+            tokio::time::sleep(retry_in).await;
+        }
+    }
+
+    /// The delay before the next attempt, or `None` to stop.
+    fn backoff(
+        &self,
+        attempts: u32,
+        started: Instant,
+        retry_after: Option<Duration>,
+        retryable: bool,
+    ) -> Option<Duration> {
+        let o = &self.inner.opts;
+        if !retryable || attempts >= o.max_attempts {
+            return None;
+        }
+        let delay = match retry_after {
+            Some(ra) if ra > o.max_retry_after => return None,
+            Some(ra) => ra,
+            None => jitter(o.backoff_base, o.backoff_cap, attempts),
+        };
+        if started.elapsed() + delay > o.retry_deadline {
+            return None;
+        }
+        Some(delay)
+    }
+
+    async fn invalidate(&self, used: &SecretString) {
+        let mut g = self.inner.token.lock().await;
+        if g.as_ref()
+            .is_some_and(|t| t.value.expose_secret() == used.expose_secret())
+        {
+            *g = None;
+        }
+    }
+
+    /// A valid token: cached, refreshed at 80 % of its lifetime (serving the old one if the
+    /// refresh fails while it is still valid), single-flight under the mutex.
+    async fn token(&self) -> Result<SecretString, Error> {
+        let mut g = self.inner.token.lock().await;
+        let now = Instant::now();
+        if let Some(t) = g.as_ref() {
+            if now < t.refresh_at {
+                return Ok(t.value.clone());
+            }
+        }
+        match self.fetch_token().await {
+            Ok(t) => {
+                let v = t.value.clone();
+                *g = Some(t);
+                Ok(v)
+            }
+            Err(e) => match g.as_ref() {
+                Some(t) if Instant::now() < t.expires_at => {
+                    tracing::warn!("IAM token refresh failed, using the still valid token: {e}");
+                    Ok(t.value.clone())
+                }
+                _ => {
+                    *g = None;
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    async fn fetch_token(&self) -> Result<CachedToken, Error> {
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            access_token: SecretString,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct IamError {
+            #[serde(default)]
+            error_code: Option<String>,
+            #[serde(default)]
+            error_message: Option<String>,
+            #[serde(default)]
+            context: Option<IamContext>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct IamContext {
+            #[serde(default)]
+            request_id: Option<String>,
+        }
+        let started = Instant::now();
+        let host = self.inner.token_url.host_str().unwrap_or("?").to_owned();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let form = Zeroizing::new(format!(
+                "grant_type=urn%3Aibm%3Aparams%3Aoauth%3Agrant-type%3Aapikey&apikey={}",
+                form_encode(self.inner.apikey.expose_secret())
+            ));
+            let sent = Instant::now();
+            let res = self
+                .inner
+                .http
+                .post(self.inner.token_url.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(ACCEPT, "application/json")
+                .body(form.as_bytes().to_vec())
+                .send()
+                .await;
+            let delay = match res {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+                    let bytes = Zeroizing::new(resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
+                    if status.is_success() {
+                        let t: TokenResponse =
+                            serde_json::from_slice(&bytes).map_err(|e| Error::BadResponse {
+                                op: Operation::Token,
+                                reason: format!("IAM answer is not a token response ({})", e.classify_str()),
+                                correlation_id: None,
+                            })?;
+                        if t.access_token.expose_secret().is_empty() {
+                            return Err(Error::BadResponse {
+                                op: Operation::Token,
+                                reason: "IAM returned an empty access token".into(),
+                                correlation_id: None,
+                            });
+                        }
+                        let life = Duration::from_secs(t.expires_in.unwrap_or(3600).max(1));
+                        let margin = Duration::from_secs(60).min(life / 4);
+                        return Ok(CachedToken {
+                            value: t.access_token,
+                            refresh_at: sent + life.mul_f64(0.8).min(life - margin),
+                            expires_at: sent + (life - margin),
+                        });
+                    }
+                    let parsed: Option<IamError> = serde_json::from_slice(&bytes).ok();
+                    let err = Error::Iam {
+                        status: status.as_u16(),
+                        code: parsed.as_ref().and_then(|p| p.error_code.clone()),
+                        message: parsed
+                            .as_ref()
+                            .and_then(|p| p.error_message.clone())
+                            .unwrap_or_else(|| snippet(&bytes)),
+                        request_id: parsed.and_then(|p| p.context).and_then(|c| c.request_id),
+                        attempts,
+                    };
+                    if !is_transient_status(status.as_u16()) {
+                        return Err(err);
+                    }
+                    match self.backoff(attempts, started, retry_after, true) {
+                        Some(d) => d,
+                        None => return Err(err),
+                    }
+                }
+                Err(e) => {
+                    let kind = transport_kind(&e);
+                    match self.backoff(attempts, started, None, kind != TransportKind::Other) {
+                        Some(d) => d,
+                        None => {
+                            return Err(Error::Transport {
+                                op: Operation::Token,
+                                kind,
+                                host,
+                                correlation_id: None,
+                                attempts,
+                                source: e.without_url(),
+                            })
+                        }
+                    }
+                }
+            };
+            tracing::warn!(
+                attempt = attempts,
+                "IAM token exchange failed transiently; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> &'static str;
+}
+impl ClassifyStr for serde_json::Error {
+    fn classify_str(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "I/O",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "missing or mistyped field",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}
+
+fn retryable_transport(op: Operation) -> bool {
+    // A create whose connection dropped may have been executed: never repeat it blindly.
+    op != Operation::CreateKey
+}
+
+fn is_loopback_host(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+fn jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let ceil = exp.min(cap);
+    let ms = u64::try_from(ceil.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+}
+
+/// Parses `Retry-After`: delta seconds or an HTTP date.
+pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(Duration::from_secs(n));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+fn transport_kind(e: &reqwest::Error) -> TransportKind {
+    if e.is_timeout() {
+        TransportKind::Timeout
+    } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
+        // is_request covers "connection closed before message completed" and resets.
+        TransportKind::Connection
+    } else {
+        TransportKind::Other
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn add_aad(body: &mut Value, aad: Option<&[String]>) -> Result<(), Error> {
+    check_aad(aad)?;
+    if let Some(aad) = aad.filter(|a| !a.is_empty()) {
+        body["aad"] = json!(aad);
+    }
+    Ok(())
+}
+
+fn check_aad(aad: Option<&[String]>) -> Result<(), Error> {
+    if let Some(aad) = aad.filter(|a| !a.is_empty()) {
+        if aad.len() > 126 {
+            return Err(Error::InvalidInput(format!(
+                "at most 126 AAD strings are allowed, got {}",
+                aad.len()
+            )));
+        }
+        if let Some(a) = aad.iter().find(|a| a.chars().count() > 255) {
+            return Err(Error::InvalidInput(format!(
+                "AAD strings are limited to 255 characters; one has {}",
+                a.chars().count()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_ciphertext(c: &str) -> Result<&str, Error> {
+    let c = c.trim();
+    if c.is_empty() {
+        return Err(Error::InvalidInput("the ciphertext is empty".into()));
+    }
+    if b64::decode_lenient(c).is_err() {
+        return Err(Error::InvalidInput(
+            "the ciphertext is not base64; pass the exact string printed by the wrap".into(),
+        ));
+    }
+    Ok(c)
+}
+
+fn decode_plaintext(op: Operation, p: &str, corr: &str) -> Result<Zeroizing<Vec<u8>>, Error> {
+    b64::decode_lenient(p)
+        .map(Zeroizing::new)
+        .map_err(|_| Error::BadResponse {
+            op,
+            reason: "the plaintext in the answer is not base64".into(),
+            correlation_id: Some(corr.to_owned()),
+        })
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(op: Operation, a: &Answer) -> Result<T, Error> {
+    serde_json::from_slice(&a.body).map_err(|e| Error::BadResponse {
+        op,
+        reason: format!(
+            "HTTP {} with a body that does not parse ({})",
+            a.status.as_u16(),
+            e.classify_str()
+        ),
+        correlation_id: Some(a.correlation_id.clone()),
+    })
+}
+
+fn first_key(op: Operation, a: &Answer) -> Result<Key, Error> {
+    let c: Collection<Key> = parse(op, a)?;
+    c.resources.into_iter().next().ok_or_else(|| Error::BadResponse {
+        op,
+        reason: "empty resources array".into(),
+        correlation_id: Some(a.correlation_id.clone()),
+    })
+}
+
+fn snippet(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s: String = s
+        .chars()
+        .filter(|c| !c.is_control() || *c == ' ')
+        .take(300)
+        .collect();
+    if s.trim().is_empty() {
+        "(empty body)".into()
+    } else {
+        s.trim().to_owned()
+    }
+}
+
+fn api_error(op: Operation, status: u16, body: &[u8], correlation_id: String, attempts: u32) -> Error {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ErrRes {
+        #[serde(default)]
+        error_msg: Option<String>,
+        #[serde(default)]
+        reasons: Option<Vec<Reason>>,
+    }
+    let parsed: Option<Collection<ErrRes>> = serde_json::from_slice(body).ok();
+    let first = parsed.and_then(|c| c.resources.into_iter().next());
+    let (message, reasons) = match first {
+        Some(r) => (
+            r.error_msg.unwrap_or_else(|| snippet(body)),
+            r.reasons.unwrap_or_default(),
+        ),
+        None => (snippet(body), Vec::new()),
+    };
+    Error::Api {
+        op,
+        status,
+        message,
+        reasons,
+        correlation_id: Some(correlation_id),
+        attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_is_bounded() {
+        for a in 1..40 {
+            let d = jitter(Duration::from_millis(100), Duration::from_secs(2), a);
+            assert!(d <= Duration::from_secs(2));
+            if a == 1 {
+                assert!(d <= Duration::from_millis(100));
+            }
+        }
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("3")),
+            Some(Duration::from_secs(3))
+        );
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(100));
+        let d = parse_retry_after(&HeaderValue::from_str(&future).unwrap()).unwrap();
+        assert!(d <= Duration::from_secs(100) && d >= Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b+c/="), "a%20b%2Bc%2F%3D");
+    }
+
+    #[test]
+    fn error_json_parsing() {
+        let body = br#"{"metadata":{"collectionType":"application/vnd.ibm.kms.error+json","collectionTotal":1},
+          "resources":[{"errorMsg":"Conflict: Key is not in active state","reasons":[{"code":"KEY_ACTION_INVALID_STATE_ERR","message":"Key is not in a valid state","status":409,"moreInfo":"https://cloud.ibm.com/apidocs/key-protect","target":{"type":"field","name":"id"}}]}]}"#;
+        let e = api_error(Operation::Unwrap, 409, body, "c1".into(), 1);
+        assert!(e.is_key_unusable() && !e.is_transient());
+        assert_eq!(e.reasons()[0].code, "KEY_ACTION_INVALID_STATE_ERR");
+        let s = e.to_string();
+        assert!(
+            s.contains("409") && s.contains("KEY_ACTION_INVALID_STATE_ERR") && s.contains("c1"),
+            "{s}"
+        );
+        let e = api_error(
+            Operation::Unwrap,
+            422,
+            b"Unprocessable Entity: Invalid ciphertext",
+            "c2".into(),
+            1,
+        );
+        assert!(e.to_string().contains("Invalid ciphertext"));
+        assert!(api_error(Operation::Wrap, 503, b"", "c".into(), 5).is_transient());
+        assert!(!api_error(Operation::Wrap, 501, b"", "c".into(), 1).is_transient());
+    }
+}
