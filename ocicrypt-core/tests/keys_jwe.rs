@@ -233,3 +233,124 @@ fn python_cryptography_reads_our_jwe() {
             .unwrap();
     assert_eq!(&go[..], &ours[..]);
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// A copy of the Go-made `enc-jwe` layout whose JWE annotation is replaced by `jwe_blob`.
+fn layout_with_jwe(dir: &Path, jwe_blob: &[u8]) -> PathBuf {
+    let layout = dir.join("layout");
+    copy_dir(&vectors().join("layouts/enc-jwe"), &layout);
+    let index_path = layout.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let old = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let mut manifest: Value = serde_json::from_slice(&blob(&layout, &old)).unwrap();
+    manifest["layers"][0]["annotations"][keys_annotation("jwe")] =
+        Value::String(ocicrypt_core::options::encode_b64(jwe_blob));
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let hex = hex::encode(Sha256::digest(&bytes));
+    std::fs::write(layout.join("blobs/sha256").join(&hex), &bytes).unwrap();
+    std::fs::remove_file(
+        layout
+            .join("blobs/sha256")
+            .join(old.strip_prefix("sha256:").unwrap()),
+    )
+    .unwrap();
+    index["manifests"][0]["digest"] = Value::String(format!("sha256:{hex}"));
+    index["manifests"][0]["size"] = Value::from(bytes.len());
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    layout
+}
+
+/// `skopeo copy --decryption-key KEY oci:SRC:v1 oci:DST:v1`, bounded to two minutes; returns the
+/// decrypted layer blob or skopeo's stderr.
+fn skopeo_decrypt(src: &Path, dst: &Path, key_file: &Path) -> Result<Vec<u8>, String> {
+    let mut child = Command::new("skopeo")
+        .arg("--insecure-policy")
+        .arg("copy")
+        .arg("--decryption-key")
+        .arg(key_file)
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(format!("oci:{}:v1", dst.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("skopeo did not finish within 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    if !status.success() {
+        return Err(stderr);
+    }
+    let index: Value = serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&blob(dst, index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    Ok(blob(dst, manifest["layers"][0]["digest"].as_str().unwrap()))
+}
+
+/// Go (skopeo 1.9.3, go-jose) unwraps what we wrap: flattened RSA, flattened EC, general
+/// RSA+EC with either key. The layer data and private options are Go's; only the JWE is ours.
+#[test]
+fn skopeo_decrypts_our_jwe() {
+    let ok = Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("IMGCRYPT_REQUIRE_TOOLS").is_none(),
+            "skopeo is required (Debian package skopeo)"
+        );
+        eprintln!("skipping: skopeo not found");
+        return;
+    }
+    let k = vectors().join("keys");
+    let (ann, _) = layer("enc-jwe");
+    let go_blob = decode_b64(&ann[&keys_annotation("jwe")]).unwrap();
+    let optsdata =
+        ocicrypt_core::KeyUnwrapper::unwrap_key(&JweUnwrapper::new(vec![key("rsa.pem", None)]), &go_blob)
+            .unwrap();
+    let rsa = PublicKey::from_file(&k.join("rsa.pub.pem")).unwrap();
+    let ec = PublicKey::from_file(&k.join("ec.pub.pem")).unwrap();
+    let want = source_layer();
+    let cases: [(Vec<PublicKey>, &str); 4] = [
+        (vec![rsa.clone()], "rsa.pem"),
+        (vec![ec.clone()], "ec.p8.pem"),
+        (vec![rsa.clone(), ec.clone()], "rsa.pem"),
+        (vec![rsa, ec], "ec.p8.pem"),
+    ];
+    for (i, (recipients, key_file)) in cases.into_iter().enumerate() {
+        let t = tempfile::tempdir().unwrap();
+        let ours = JweWrapper::new(recipients).unwrap().wrap_keys(&optsdata).unwrap();
+        let src = layout_with_jwe(t.path(), &ours);
+        let got = skopeo_decrypt(&src, &t.path().join("out"), &k.join(key_file))
+            .unwrap_or_else(|e| panic!("case {i} ({key_file}): skopeo failed: {e}"));
+        assert_eq!(got, want, "case {i}");
+        if i == 0 {
+            // The check can fail: the EC key is not a recipient here.
+            let e = skopeo_decrypt(&src, &t.path().join("out2"), &k.join("ec.p8.pem")).unwrap_err();
+            assert!(!e.is_empty());
+        }
+    }
+}
