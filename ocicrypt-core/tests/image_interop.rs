@@ -89,28 +89,27 @@ async fn skopeo_vectors_decrypt_to_the_original() {
     let v = vectors();
     let src = v.join("layouts/src");
     let k = v.join("keys");
-    let cases: Vec<(&str, Vec<(PathBuf, Option<&str>)>)> = vec![
-        ("enc-jwe", vec![(k.join("rsa.pem"), None)]),
-        ("enc-jwe", vec![(k.join("ec.p8.pem"), None)]),
-        ("enc-ec", vec![(k.join("ec.sec1.pem"), None)]),
-        ("enc-ec", vec![(k.join("ec.sec1.der"), None)]),
+    let cases: Vec<(&str, PathBuf)> = vec![
+        ("enc-jwe", k.join("rsa.pem")),
+        ("enc-jwe", k.join("ec.p8.pem")),
+        ("enc-ec", k.join("ec.sec1.pem")),
+        ("enc-ec", k.join("ec.sec1.der")),
     ];
-    for (layout, keys) in cases {
+    for (layout, key) in cases {
         let out = tempfile::tempdir().unwrap();
         let dst = out.path().join("dec");
-        let ks: Vec<(&Path, Option<&str>)> = keys.iter().map(|(p, pw)| (p.as_path(), *pw)).collect();
         run(
             &v.join("layouts").join(layout),
             "v1",
             &dst,
             "v1",
             Operation::Decrypt {
-                unwrappers: unwrappers(&ks),
+                unwrappers: unwrappers(&[(&key, None)]),
             },
             LayerSelection::default(),
         )
         .await
-        .unwrap_or_else(|e| panic!("{layout} with {:?}: {e:?}", keys[0].0));
+        .unwrap_or_else(|e| panic!("{layout} with {key:?}: {e:?}"));
         assert_plain_copy_of(&src, "v1", &dst, "v1");
         // The config never changes.
         assert_eq!(
