@@ -83,7 +83,10 @@ fn compress(tar: &[u8], c: Compression) -> (Vec<u8>, &'static str) {
         Compression::Gzip => {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(tar).expect("gzip");
-            (e.finish().expect("gzip"), "application/vnd.oci.image.layer.v1.tar+gzip")
+            (
+                e.finish().expect("gzip"),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
         }
         Compression::Zstd => {
             let mut child = Command::new("zstd")
@@ -215,8 +218,13 @@ pub fn write_multiarch(layout: &Path, tag: &str, platforms: &[(&str, Vec<LayerSp
 
 /// Reads a blob of a layout by digest.
 pub fn read_blob(layout: &Path, digest: &str) -> Vec<u8> {
-    std::fs::read(layout.join("blobs").join("sha256").join(digest.trim_start_matches("sha256:")))
-        .unwrap_or_else(|e| panic!("blob {digest} in {}: {e}", layout.display()))
+    std::fs::read(
+        layout
+            .join("blobs")
+            .join("sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .unwrap_or_else(|e| panic!("blob {digest} in {}: {e}", layout.display()))
 }
 
 /// The manifest (JSON) of the image tagged `tag` in a layout, following an index to its first

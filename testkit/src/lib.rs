@@ -4,6 +4,6 @@
 #![allow(missing_docs)]
 
 pub mod image;
+pub mod kube;
 pub mod registry;
 pub mod tools;
-pub mod kube;

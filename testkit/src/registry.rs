@@ -91,7 +91,10 @@ impl Registry {
                     return reg;
                 }
             }
-            assert!(Instant::now() < deadline, "docker-registry did not start on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not start on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

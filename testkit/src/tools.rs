@@ -48,7 +48,11 @@ pub fn skopeo_ok(args: &[&str]) {
 
 /// Runs `openssl` with `args` in `dir`, panicking on failure.
 pub fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl runs");
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
     assert!(
         out.status.success(),
         "openssl {} failed: {}",
@@ -66,11 +70,33 @@ pub fn openssl_keypair(dir: &Path, name: &str, kind: &str) -> (std::path::PathBu
     match kind {
         "rsa2048" | "rsa3072" | "rsa4096" => {
             let bits = format!("rsa_keygen_bits:{}", &kind[3..]);
-            openssl(dir, &["genpkey", "-algorithm", "RSA", "-pkeyopt", &bits, "-out", &priv_name]);
+            openssl(
+                dir,
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    &bits,
+                    "-out",
+                    &priv_name,
+                ],
+            );
         }
         "p256" | "p384" | "p521" => {
             let curve = format!("ec_paramgen_curve:P-{}", &kind[1..]);
-            openssl(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", &curve, "-out", &priv_name]);
+            openssl(
+                dir,
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    &curve,
+                    "-out",
+                    &priv_name,
+                ],
+            );
         }
         other => panic!("unknown key kind {other}"),
     }
