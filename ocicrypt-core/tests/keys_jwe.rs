@@ -354,3 +354,85 @@ fn skopeo_decrypts_our_jwe() {
         }
     }
 }
+
+/// Our public key as a JWK carrying `alg` (built by josekit, an independent implementation).
+fn jwk_with_alg(private_pem: &str, alg: &str) -> PublicKey {
+    use josekit::jwk::KeyPair as _;
+    let mut jwk = if alg.starts_with("RSA") {
+        josekit::jwk::alg::rsa::RsaKeyPair::from_pem(private_pem)
+            .unwrap()
+            .to_jwk_public_key()
+    } else {
+        josekit::jwk::alg::ec::EcKeyPair::from_pem(private_pem, None)
+            .unwrap()
+            .to_jwk_public_key()
+    };
+    jwk.set_algorithm(alg);
+    PublicKey::from_bytes(jwk.to_string().as_bytes(), "test.jwk").unwrap()
+}
+
+/// skopeo reads every key algorithm we can write, on every curve, and a three-recipient JWE.
+#[test]
+fn skopeo_decrypts_every_alg_and_curve() {
+    let ok = Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("IMGCRYPT_REQUIRE_TOOLS").is_none(),
+            "skopeo is required (Debian package skopeo)"
+        );
+        return;
+    }
+    let (ann, _) = layer("enc-jwe");
+    let go_blob = decode_b64(&ann[&keys_annotation("jwe")]).unwrap();
+    let optsdata =
+        ocicrypt_core::KeyUnwrapper::unwrap_key(&JweUnwrapper::new(vec![key("rsa.pem", None)]), &go_blob)
+            .unwrap();
+    let want = source_layer();
+    let rsa = ocicrypt_core::keys::generate_rsa(3072).unwrap();
+    let p384 = ocicrypt_core::keys::generate_ec("P-384").unwrap();
+    let p521 = ocicrypt_core::keys::generate_ec("P-521").unwrap();
+    let p256 = ocicrypt_core::keys::generate_ec("P-256").unwrap();
+    let public = |pem: &str| PublicKey::from_bytes(pem.as_bytes(), "test.pub.pem").unwrap();
+    let cases: Vec<(&str, Vec<PublicKey>, &str)> = vec![
+        ("RSA-OAEP RSA-3072", vec![public(&rsa.1)], &rsa.0),
+        ("ECDH-ES+A256KW P-384", vec![public(&p384.1)], &p384.0),
+        ("ECDH-ES+A256KW P-521", vec![public(&p521.1)], &p521.0),
+        (
+            "RSA-OAEP-256 JWK",
+            vec![jwk_with_alg(&rsa.0, "RSA-OAEP-256")],
+            &rsa.0,
+        ),
+        (
+            "ECDH-ES+A128KW JWK",
+            vec![jwk_with_alg(&p256.0, "ECDH-ES+A128KW")],
+            &p256.0,
+        ),
+        (
+            "ECDH-ES+A192KW JWK",
+            vec![jwk_with_alg(&p521.0, "ECDH-ES+A192KW")],
+            &p521.0,
+        ),
+        (
+            "three recipients",
+            vec![
+                public(&p256.1),
+                jwk_with_alg(&rsa.0, "RSA-OAEP-256"),
+                public(&p521.1),
+            ],
+            &p521.0,
+        ),
+    ];
+    for (name, recipients, private_pem) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let ours = JweWrapper::new(recipients).unwrap().wrap_keys(&optsdata).unwrap();
+        let src = layout_with_jwe(t.path(), &ours);
+        let key_file = t.path().join("key.pem");
+        std::fs::write(&key_file, private_pem).unwrap();
+        let got = skopeo_decrypt(&src, &t.path().join("out"), &key_file)
+            .unwrap_or_else(|e| panic!("{name}: skopeo failed: {e}"));
+        assert_eq!(got, want, "{name}");
+    }
+}
