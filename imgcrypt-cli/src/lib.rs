@@ -1,1 +1,99 @@
-//! The imgcrypt command line (work in progress).
+//! # imgcrypt-cli
+//!
+//! The `imgcrypt` command line: encrypt, decrypt, inspect and re-key OCI images in OCI image
+//! layouts (`oci:PATH[:TAG]`) and registries (`docker://HOST/REPO[:TAG]`), interoperable with
+//! skopeo and containerd's imgcrypt. The logic is in `ocicrypt-core`; this crate parses
+//! arguments ([`cli`]) into a validated [`config::Config`], runs it ([`commands`]) and maps
+//! errors to messages and exit codes ([`error`]). It also holds the registry client
+//! ([`registry`]), which streams blobs in both directions.
+#![warn(missing_docs)]
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub mod auth;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keyspec;
+pub mod progress;
+pub mod reference;
+pub mod registry;
+pub mod schemes;
+
+pub use error::{CliError, ErrorKind};
+
+/// Runs the command line with the process arguments; returns the exit code.
+pub fn run() -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    run_with(std::env::args_os(), &mut out, std::io::stderr().is_terminal())
+}
+
+/// Runs the command line with `args` (the first is the program name), writing results to
+/// `out`; errors go to stderr (or to `out` as JSON with `--json`).
+pub fn run_with<I, T>(args: I, out: &mut dyn Write, tty: bool) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match cli::Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(ErrorKind::Usage.exit_code())
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let json = cli.json;
+    let result = config::Config::from_cli(cli).and_then(|(cfg, output)| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::new(ErrorKind::Failure, format!("cannot start the async runtime: {e}")))?;
+        let mut ctx = commands::Ctx { out, output, tty };
+        rt.block_on(commands::execute(cfg, &mut ctx))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&e.to_json()).unwrap_or_default()
+                );
+            } else {
+                eprintln!("{e}");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+/// Runs one command given as arguments (without the program name) inside a running command:
+/// what `imgcrypt demo` does for each step, so the printed command is exactly what runs.
+///
+/// # Errors
+/// The step's [`CliError`].
+pub async fn run_step(args: &[String], ctx: &mut commands::Ctx<'_>) -> Result<(), CliError> {
+    let argv = std::iter::once("imgcrypt".to_owned()).chain(args.iter().cloned());
+    let cli = cli::Cli::try_parse_from(argv).map_err(|e| CliError::usage(e.to_string()))?;
+    let (cfg, output) = config::Config::from_cli(cli)?;
+    let saved = ctx.output;
+    ctx.output = config::Output {
+        json: output.json,
+        quiet: output.quiet,
+    };
+    let r = Box::pin(commands::execute(cfg, ctx)).await;
+    ctx.output = saved;
+    r
+}

@@ -1,3 +1,4 @@
-fn main() {
-    println!("imgcrypt: work in progress");
+//! The `imgcrypt` binary: everything is in the library.
+fn main() -> std::process::ExitCode {
+    imgcrypt_cli::run()
 }

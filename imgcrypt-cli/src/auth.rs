@@ -1,0 +1,209 @@
+//! Registry credentials: `--creds`, `--authfile`/`REGISTRY_AUTH_FILE`,
+//! `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.docker/config.json`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use crate::cli::EnvVars;
+use crate::error::{CliError, ErrorKind};
+
+/// A user name and password.
+#[derive(Clone)]
+pub struct Creds {
+    /// User name.
+    pub user: String,
+    /// Password (or token).
+    pub password: Zeroizing<String>,
+    /// Where they came from, for messages.
+    pub origin: String,
+}
+
+impl fmt::Debug for Creds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Creds")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+impl Creds {
+    /// Parses `USER:PASSWORD` (split at the first ':').
+    ///
+    /// # Errors
+    /// [`ErrorKind::Usage`].
+    pub fn parse(s: &str, flag: &str) -> Result<Creds, CliError> {
+        match s.split_once(':') {
+            Some((u, p)) if !u.is_empty() => Ok(Creds {
+                user: u.to_owned(),
+                password: Zeroizing::new(p.to_owned()),
+                origin: flag.to_owned(),
+            }),
+            _ => Err(CliError::usage(format!("{flag} must be USER:PASSWORD"))),
+        }
+    }
+
+    /// The `Authorization: Basic …` value.
+    pub fn basic_header(&self) -> Zeroizing<String> {
+        let raw = Zeroizing::new(format!("{}:{}", self.user, &*self.password));
+        Zeroizing::new(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
+        ))
+    }
+}
+
+/// The auth files to look in, in order: the explicit one (`--authfile`, else
+/// `REGISTRY_AUTH_FILE`), then podman's and Docker's defaults.
+pub fn auth_files(explicit: Option<&Path>) -> Vec<(PathBuf, bool)> {
+    let mut out = Vec::new();
+    if let Some(p) = explicit {
+        out.push((p.to_owned(), true));
+        return out;
+    }
+    if let Some(p) = std::env::var_os(EnvVars::REGISTRY_AUTH_FILE).filter(|v| !v.is_empty()) {
+        out.push((PathBuf::from(p), true));
+        return out;
+    }
+    if let Some(d) = std::env::var_os(EnvVars::XDG_RUNTIME_DIR).filter(|v| !v.is_empty()) {
+        out.push((PathBuf::from(d).join("containers").join("auth.json"), false));
+    }
+    if let Some(d) = std::env::var_os(EnvVars::DOCKER_CONFIG).filter(|v| !v.is_empty()) {
+        out.push((PathBuf::from(d).join("config.json"), false));
+    } else if let Some(h) = std::env::var_os(EnvVars::HOME).filter(|v| !v.is_empty()) {
+        out.push((PathBuf::from(h).join(".docker").join("config.json"), false));
+    }
+    out
+}
+
+fn normalize_key(k: &str) -> &str {
+    let k = k
+        .strip_prefix("https://")
+        .or_else(|| k.strip_prefix("http://"))
+        .unwrap_or(k);
+    k.split('/').next().unwrap_or(k)
+}
+
+fn host_matches(key: &str, host: &str) -> bool {
+    let k = normalize_key(key);
+    k == host || (host == "docker.io" && matches!(k, "index.docker.io" | "registry-1.docker.io"))
+}
+
+/// Looks `host` up in one auth file's JSON.
+///
+/// # Errors
+/// [`ErrorKind::RegistryAuth`] for a malformed entry.
+pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>, CliError> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| {
+        CliError::new(
+            ErrorKind::RegistryAuth,
+            format!("auth file {origin} is not valid JSON: {e}"),
+        )
+        .hint("fix or remove the file, or pass --creds USER:PASSWORD")
+    })?;
+    let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
+        return Ok(None);
+    };
+    for (key, entry) in auths {
+        if !host_matches(key, host) {
+            continue;
+        }
+        let Some(b64) = entry
+            .get("auth")
+            .and_then(|a| a.as_str())
+            .filter(|s| !s.is_empty())
+        else {
+            continue;
+        };
+        let raw = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| {
+                    CliError::new(
+                        ErrorKind::RegistryAuth,
+                        format!("auth file {origin}: the \"auth\" entry for {key} is not base64: {e}"),
+                    )
+                })?,
+        );
+        let text = std::str::from_utf8(&raw).map_err(|_| {
+            CliError::new(
+                ErrorKind::RegistryAuth,
+                format!("auth file {origin}: the \"auth\" entry for {key} is not UTF-8"),
+            )
+        })?;
+        return Creds::parse(text, &format!("auth file {origin}"))
+            .map(Some)
+            .map_err(|_| {
+                CliError::new(
+                    ErrorKind::RegistryAuth,
+                    format!("auth file {origin}: the \"auth\" entry for {key} is not base64(USER:PASSWORD)"),
+                )
+            });
+    }
+    Ok(None)
+}
+
+/// Finds credentials for `host`: `explicit` first, then the auth files.
+///
+/// # Errors
+/// [`ErrorKind::RegistryAuth`] when an explicitly named auth file cannot be read or parsed.
+pub fn find_creds(
+    host: &str,
+    explicit: Option<Creds>,
+    authfile: Option<&Path>,
+) -> Result<Option<Creds>, CliError> {
+    if explicit.is_some() {
+        return Ok(explicit);
+    }
+    for (path, required) in auth_files(authfile) {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(CliError::new(
+                    ErrorKind::RegistryAuth,
+                    format!("cannot read auth file {}: {e}", path.display()),
+                )
+                .hint("check --authfile / REGISTRY_AUTH_FILE"))
+            }
+        };
+        if let Some(c) = lookup_in(&bytes, host, &path.display().to_string())? {
+            return Ok(Some(c));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_creds() {
+        let c = Creds::parse("u:p:q", "--creds").unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("u", "p:q"));
+        assert!(Creds::parse("nopass", "--creds").is_err());
+        assert!(Creds::parse(":p", "--creds").is_err());
+        assert_eq!(c.basic_header().as_str(), "Basic dTpwOnE=");
+        assert!(!format!("{c:?}").contains("p:q"));
+    }
+
+    #[test]
+    fn auth_file_lookup() {
+        let json = br#"{"auths":{"https://127.0.0.1:5000/v1/":{"auth":"YWxpY2U6c2VjcmV0"},"https://index.docker.io/v1/":{"auth":"Ym9iOnB3"}}}"#;
+        let c = lookup_in(json, "127.0.0.1:5000", "f").unwrap().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("alice", "secret"));
+        let c = lookup_in(json, "docker.io", "f").unwrap().unwrap();
+        assert_eq!(c.user, "bob");
+        assert!(lookup_in(json, "127.0.0.1:5001", "f").unwrap().is_none());
+        assert_eq!(
+            lookup_in(b"{", "h", "f").unwrap_err().kind,
+            ErrorKind::RegistryAuth
+        );
+        assert!(lookup_in(br#"{"auths":{"h":{"auth":"!!"}}}"#, "h", "f").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! Raw command-line arguments (clap derive). Validation happens in [`crate::config`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Environment variables read by the command line.
+pub struct EnvVars;
+
+impl EnvVars {
+    /// A containers-auth.json file with registry credentials (as skopeo, podman).
+    pub const REGISTRY_AUTH_FILE: &'static str = "REGISTRY_AUTH_FILE";
+    /// The runtime directory holding `containers/auth.json` (podman login's default).
+    pub const XDG_RUNTIME_DIR: &'static str = "XDG_RUNTIME_DIR";
+    /// Home directory (for `~/.docker/config.json`).
+    pub const HOME: &'static str = "HOME";
+    /// Docker's config directory (default `~/.docker`).
+    pub const DOCKER_CONFIG: &'static str = "DOCKER_CONFIG";
+    /// The ocicrypt key-provider configuration file (`provider:` recipients and keys).
+    pub const OCICRYPT_KEYPROVIDER_CONFIG: &'static str = "OCICRYPT_KEYPROVIDER_CONFIG";
+}
+
+const AFTER_HELP: &str = "\
+IMAGE REFERENCES:
+  oci:PATH[:TAG]                           an OCI image layout directory (created when a destination is missing)
+  docker://HOST[:PORT]/REPO[:TAG|@DIGEST]  an image in a registry (OCI distribution API)
+
+RECIPIENTS (--recipient, --encryption-key):
+  jwe:PUBLIC_KEY_FILE    SPKI/PKCS#1 PEM or DER, public JWK, or an X.509 certificate
+  provider:NAME[:PARAM]  an ocicrypt key provider from OCICRYPT_KEYPROVIDER_CONFIG
+
+KEYS (--key, --decryption-key):
+  FILE, FILE:PASSWORD, FILE:pass=PASSWORD, FILE:file=PASSWORD_FILE, provider:NAME[:PARAM]
+  (a FILE that exists as given is never split at ':')";
+
+/// Encrypt, decrypt, inspect and re-key OCI container images (ocicrypt format, interoperable
+/// with skopeo, buildah, podman and containerd's imgcrypt).
+#[derive(Debug, Parser)]
+#[command(name = "imgcrypt", version, about, after_help = after_help())]
+pub struct Cli {
+    /// Print results as JSON on stdout (errors too), no progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars and no summary.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Layers processed at once.
+    #[arg(long, global = true, default_value_t = 4, value_name = "N")]
+    pub concurrency: usize,
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn after_help() -> String {
+    format!("{AFTER_HELP}\n\n{}", crate::error::exit_codes_help())
+}
+
+/// Registry access options (skopeo's names).
+#[derive(Debug, Args, Default)]
+pub struct TransportArgs {
+    /// Registry credentials USER:PASSWORD for source and destination.
+    #[arg(long, global = true, value_name = "USER:PASSWORD")]
+    pub creds: Option<String>,
+    /// Credentials for the source registry.
+    #[arg(long, global = true, value_name = "USER:PASSWORD")]
+    pub src_creds: Option<String>,
+    /// Credentials for the destination registry.
+    #[arg(
+        long = "dest-creds",
+        global = true,
+        value_name = "USER:PASSWORD",
+        alias = "dst-creds"
+    )]
+    pub dst_creds: Option<String>,
+    /// Use HTTPS and verify certificates (false: plain HTTP).
+    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub tls_verify: Option<bool>,
+    /// As --tls-verify, for the source.
+    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub src_tls_verify: Option<bool>,
+    /// As --tls-verify, for the destination.
+    #[arg(long = "dest-tls-verify", alias = "dst-tls-verify", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub dst_tls_verify: Option<bool>,
+    /// A containers-auth.json file with credentials (default: $REGISTRY_AUTH_FILE,
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub authfile: Option<PathBuf>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Encrypt the layers of an image for recipients.
+    Encrypt(EncryptArgs),
+    /// Decrypt the layers of an image.
+    Decrypt(DecryptArgs),
+    /// Add or remove recipients of an encrypted image, without re-encrypting layer data.
+    #[command(subcommand)]
+    Recipients(RecipientsCommand),
+    /// Show which layers are encrypted, and for which schemes and recipients.
+    Inspect(InspectArgs),
+    /// Check that keys can decrypt every encrypted layer (no layer data is read).
+    Check(CheckArgs),
+    /// Generate a key pair (private key PEM 0600, public key PEM).
+    Keygen(KeygenArgs),
+    /// Show the whole job on a built-in example: make keys and an image, encrypt, fail without
+    /// the key, decrypt, compare.
+    Demo(DemoArgs),
+}
+
+/// Which layers and platforms.
+#[derive(Debug, Args, Default)]
+pub struct SelectionArgs {
+    /// Only these layers (0-based; negative counts from the top, -1 = last; repeat or comma list).
+    #[arg(
+        long = "layer",
+        alias = "encrypt-layer",
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_delimiter = ','
+    )]
+    pub layers: Vec<i64>,
+    /// Only these platforms of a multi-arch image (OS/ARCH[/VARIANT]; repeat or comma list).
+    #[arg(long = "platform", value_name = "OS/ARCH", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+}
+
+/// Private keys.
+#[derive(Debug, Args, Default)]
+pub struct KeyArgs {
+    /// A private key: FILE, FILE:PASSWORD, FILE:pass=PW, FILE:file=PWFILE or provider:NAME[:PARAM].
+    #[arg(long = "key", alias = "decryption-key", value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// A directory of private keys, read as CRI-O reads /etc/crio/keys (files that are not usable
+    /// private keys are skipped).
+    #[arg(long = "key-dir", value_name = "DIR")]
+    pub key_dirs: Vec<PathBuf>,
+}
+
+/// `encrypt`.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// A recipient: jwe:PUBLIC_KEY_FILE or provider:NAME[:PARAM] (repeat for several).
+    #[arg(
+        long = "recipient",
+        alias = "encryption-key",
+        value_name = "RECIPIENT",
+        required = true
+    )]
+    pub recipients: Vec<String>,
+    /// Layers and platforms.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// The source image.
+    pub src: String,
+    /// The destination image.
+    pub dst: String,
+}
+
+/// `decrypt`.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// Private keys.
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Layers and platforms.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// The source image.
+    pub src: String,
+    /// The destination image.
+    pub dst: String,
+}
+
+/// `recipients add|remove`.
+#[derive(Debug, Subcommand)]
+pub enum RecipientsCommand {
+    /// Add recipients: unwrap each layer key with --key, wrap it for the new --recipient too.
+    Add(RecipientsArgs),
+    /// Keep only the listed recipients: unwrap each layer key with --key and wrap it for exactly
+    /// the --recipient list. A removed party that kept a copy of the image or its layer keys can
+    /// still decrypt that copy: real revocation means decrypt and encrypt again.
+    Remove(RecipientsArgs),
+}
+
+/// Arguments of `recipients add|remove`.
+#[derive(Debug, Args)]
+pub struct RecipientsArgs {
+    /// Private keys.
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// A recipient to add (add) or keep (remove): jwe:FILE or provider:NAME[:PARAM].
+    #[arg(
+        long = "recipient",
+        alias = "encryption-key",
+        value_name = "RECIPIENT",
+        required = true
+    )]
+    pub recipients: Vec<String>,
+    /// Layers and platforms.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// The image.
+    pub image: String,
+    /// Where to write the result (default: IMAGE itself).
+    pub dst: Option<String>,
+}
+
+/// `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image.
+    pub image: String,
+}
+
+/// `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Private keys.
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Only these platforms of a multi-arch image.
+    #[arg(long = "platform", value_name = "OS/ARCH", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+    /// The image.
+    pub image: String,
+}
+
+/// `keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Key type: rsa-2048, rsa-3072, rsa-4096, ec-p256, ec-p384.
+    #[arg(long, short = 't', default_value = "rsa-3072", value_name = "TYPE")]
+    pub r#type: String,
+    /// Where to write the public key (default: OUT with .pem replaced by .pub.pem).
+    #[arg(long, value_name = "PATH")]
+    pub public: Option<PathBuf>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+    /// The private key file to write.
+    pub out: PathBuf,
+}
+
+/// `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working directory (must be empty or missing; default: a new directory under the system's
+    /// temporary directory, kept so you can rerun the printed commands).
+    pub dir: Option<PathBuf>,
+}

@@ -1,0 +1,463 @@
+//! Running a validated [`Config`].
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use ocicrypt_core::image::layout::OciLayout;
+use ocicrypt_core::image::ops::{self, ImageInfo, LayerCheck, Operation};
+use ocicrypt_core::image::{ImageDest, ImageSource, LayerSelection};
+use ocicrypt_core::{keys, AsyncKeyUnwrapper};
+use serde_json::json;
+
+use crate::auth::find_creds;
+use crate::config::{Access, Config, KeyType, Keys, OpSpec, Output, Transform};
+use crate::error::{from_core, CliError, ErrorKind, KeyContext};
+use crate::reference::ImageRef;
+use crate::registry::{RegistryImage, RegistryOptions};
+use crate::{progress, schemes};
+
+/// Where a command writes its results.
+pub struct Ctx<'a> {
+    /// stdout (results).
+    pub out: &'a mut dyn Write,
+    /// Output settings.
+    pub output: Output,
+    /// Whether stderr is a terminal (progress bars).
+    pub tty: bool,
+}
+
+impl Ctx<'_> {
+    fn print(&mut self, s: &str) {
+        let _ = writeln!(self.out, "{s}");
+    }
+
+    fn json(&mut self, v: &serde_json::Value) {
+        let _ = writeln!(
+            self.out,
+            "{}",
+            serde_json::to_string_pretty(v).unwrap_or_default()
+        );
+    }
+}
+
+/// Runs a command.
+///
+/// # Errors
+/// A [`CliError`] for the user.
+pub async fn execute(cfg: Config, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    match cfg {
+        Config::Transform(t) => transform(*t, ctx).await,
+        Config::Inspect { image, access } => inspect(&image, &access, ctx).await,
+        Config::Check {
+            image,
+            access,
+            keys,
+            platforms,
+        } => check(&image, &access, keys, platforms, ctx).await,
+        Config::Keygen {
+            kind,
+            private,
+            public,
+            force,
+        } => keygen(kind, &private, &public, force, ctx),
+        Config::Demo { dir } => crate::demo::run(dir, ctx).await,
+    }
+}
+
+fn registry_options(host: &str, access: &Access) -> Result<RegistryOptions, CliError> {
+    Ok(RegistryOptions {
+        creds: find_creds(host, access.creds.clone(), access.authfile.as_deref())?,
+        tls_verify: access.tls_verify,
+    })
+}
+
+/// Opens an image to read from; checks that the image exists in a layout.
+///
+/// # Errors
+/// [`ErrorKind::BadReference`].
+pub fn open_source(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageSource>, CliError> {
+    match r {
+        ImageRef::Layout { path, tag } => {
+            let layout = OciLayout::open(path, tag.as_deref())
+                .map_err(|e| CliError::new(ErrorKind::BadReference, format!("{r}: {e}")))?;
+            layout
+                .resolve(tag.as_deref())
+                .map_err(|e| CliError::new(ErrorKind::BadReference, format!("{r}: {e}")))?;
+            Ok(Arc::new(layout))
+        }
+        ImageRef::Registry(reg) => {
+            let opts = registry_options(&reg.host, access)?;
+            Ok(Arc::new(RegistryImage::new(reg.clone(), opts, false)?))
+        }
+    }
+}
+
+fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, CliError> {
+    match r {
+        ImageRef::Layout { path, tag } => {
+            let layout = OciLayout::open_or_create(path, tag.as_deref()).map_err(|e| {
+                CliError::new(ErrorKind::BadReference, format!("destination {r}: {e}"))
+                    .hint("the destination must be an OCI layout, or a missing or empty directory")
+            })?;
+            Ok(Arc::new(layout))
+        }
+        ImageRef::Registry(reg) => {
+            let opts = registry_options(&reg.host, access)?;
+            Ok(Arc::new(RegistryImage::new(reg.clone(), opts, true)?))
+        }
+    }
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn short(d: &str) -> String {
+    let hex = d.trim_start_matches("sha256:");
+    format!("sha256:{}", &hex[..hex.len().min(12)])
+}
+
+async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    let op_name = t.op.name();
+    let (op, keyctx) = match t.op {
+        OpSpec::Encrypt { recipients } => (
+            Operation::Encrypt {
+                wrappers: schemes::wrappers(&recipients)?,
+            },
+            KeyContext::default(),
+        ),
+        OpSpec::Decrypt { keys } => {
+            let (unwrappers, kc) = schemes::unwrappers(keys)?;
+            (Operation::Decrypt { unwrappers }, kc)
+        }
+        OpSpec::AddRecipients { keys, recipients } => {
+            let wrappers = schemes::wrappers(&recipients)?;
+            let (unwrappers, kc) = schemes::unwrappers(keys)?;
+            (Operation::AddRecipients { unwrappers, wrappers }, kc)
+        }
+        OpSpec::SetRecipients { keys, recipients } => {
+            let wrappers = schemes::wrappers(&recipients)?;
+            let (unwrappers, kc) = schemes::unwrappers(keys)?;
+            (Operation::SetRecipients { unwrappers, wrappers }, kc)
+        }
+    };
+    let src = open_source(&t.src, &t.src_access)?;
+    // Surface a missing image or an unreachable source before creating anything.
+    src.root().await.map_err(|e| from_core(&e, &keyctx))?;
+    let dst = open_dest(&t.dst, &t.dst_access)?;
+    let show = ctx.tty && !ctx.output.json && !ctx.output.quiet;
+    let report = ops::transform_image(src, dst, op, t.selection, progress::reporter(show), t.concurrency)
+        .await
+        .map_err(|e| {
+            let mut c = from_core(&e, &keyctx);
+            if !c.message.contains("nothing was written") {
+                c.message.push_str(&format!("; nothing was written to {}", t.dst));
+            }
+            c
+        })?;
+    if ctx.output.json {
+        ctx.json(&json!({
+            "operation": op_name,
+            "source": t.src.to_string(),
+            "destination": t.dst.to_string(),
+            "digest": report.digest,
+            "media_type": report.media_type,
+            "layers": report.layers,
+        }));
+    } else if !ctx.output.quiet {
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for l in &report.layers {
+            *counts.entry(l.action).or_default() += 1;
+        }
+        let summary = counts
+            .iter()
+            .map(|(a, n)| format!("{n} {a}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ctx.print(&format!("{op_name}: {} -> {} ({summary})", t.src, t.dst));
+        for l in &report.layers {
+            let plat = l.platform.as_deref().map(|p| format!("{p} ")).unwrap_or_default();
+            let change = if l.from == l.to {
+                short(&l.from)
+            } else {
+                format!("{} -> {}", short(&l.from), short(&l.to))
+            };
+            ctx.print(&format!(
+                "  {plat}layer {}: {:<9} {change} ({})",
+                l.index,
+                l.action,
+                human_size(l.size)
+            ));
+        }
+        ctx.print(&format!("  result: {} {}", report.media_type, report.digest));
+    }
+    Ok(())
+}
+
+fn scheme_text(l: &ops::LayerInfo) -> String {
+    l.schemes
+        .iter()
+        .map(|s| match s.recipients {
+            Some(r) => format!("{} ({} recipient{})", s.scheme, r, if r == 1 { "" } else { "s" }),
+            None => format!(
+                "{} ({} entr{})",
+                s.scheme,
+                s.entries,
+                if s.entries == 1 { "y" } else { "ies" }
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads what [`ops::inspect`] reports.
+///
+/// # Errors
+/// Classified errors.
+pub async fn inspect_info(image: &ImageRef, access: &Access) -> Result<ImageInfo, CliError> {
+    let src = open_source(image, access)?;
+    ops::inspect(src.as_ref())
+        .await
+        .map_err(|e| from_core(&e, &KeyContext::default()))
+}
+
+async fn inspect(image: &ImageRef, access: &Access, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    let info = inspect_info(image, access).await?;
+    if ctx.output.json {
+        ctx.json(&serde_json::to_value(&info).unwrap_or_default());
+        return Ok(());
+    }
+    ctx.print(&format!("image:  {}", info.image));
+    ctx.print(&format!("digest: {} ({})", info.digest, info.media_type));
+    for m in &info.manifests {
+        let enc = m.layers.iter().filter(|l| l.encrypted).count();
+        let plat = m
+            .platform
+            .as_deref()
+            .map(|p| format!("platform {p}, "))
+            .unwrap_or_default();
+        ctx.print(&format!(
+            "{plat}manifest {}: {} layer(s), {enc} encrypted",
+            m.digest,
+            m.layers.len()
+        ));
+        for l in &m.layers {
+            let state = if l.encrypted {
+                format!("encrypted for {}", scheme_text(l))
+            } else {
+                "plain".to_owned()
+            };
+            ctx.print(&format!(
+                "  layer {}: {} {:>10}  {}  {state}",
+                l.index,
+                l.digest,
+                human_size(l.size),
+                l.media_type
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn check(
+    image: &ImageRef,
+    access: &Access,
+    keys: Keys,
+    platforms: Vec<String>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), CliError> {
+    let (unwrappers, keyctx) = schemes::unwrappers(keys)?;
+    let src = open_source(image, access)?;
+    let sel = LayerSelection {
+        layers: vec![],
+        platforms,
+    };
+    let checks: Vec<LayerCheck> = ops::check_authorization(src.as_ref(), &unwrappers, &sel)
+        .await
+        .map_err(|e| from_core(&e, &keyctx))?;
+    let failed: Vec<&LayerCheck> = checks.iter().filter(|c| c.error.is_some()).collect();
+    let details = json!({
+        "image": image.to_string(),
+        "authorized": failed.is_empty(),
+        "encrypted_layers": checks.len(),
+        "layers": checks,
+    });
+    if failed.is_empty() {
+        if ctx.output.json {
+            ctx.json(&details);
+        } else if !ctx.output.quiet {
+            if checks.is_empty() {
+                ctx.print(&format!("{image}: no encrypted layers (nothing to check)"));
+            } else {
+                ctx.print(&format!(
+                    "{image}: the keys ({}) can decrypt all {} encrypted layer(s)",
+                    keyctx.key_sources.join(", "),
+                    checks.len()
+                ));
+            }
+        }
+        return Ok(());
+    }
+    // Missing key (no key for the layer's schemes) or wrong key (keys tried, none worked)?
+    let info = ops::inspect(src.as_ref())
+        .await
+        .map_err(|e| from_core(&e, &keyctx))?;
+    let have: BTreeSet<&str> = unwrappers
+        .iter()
+        .map(|u| AsyncKeyUnwrapper::scheme(u.as_ref()))
+        .collect();
+    let mut wrong = false;
+    let mut lines = Vec::new();
+    for f in &failed {
+        let schemes: Vec<String> = info
+            .manifests
+            .iter()
+            .flat_map(|m| m.layers.iter())
+            .find(|l| l.digest == f.digest)
+            .map(|l| l.schemes.iter().map(|s| s.scheme.clone()).collect())
+            .unwrap_or_default();
+        if schemes.iter().any(|s| have.contains(s.as_str())) {
+            wrong = true;
+        }
+        let plat = f
+            .platform
+            .as_deref()
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default();
+        lines.push(format!(
+            "layer {} ({}){plat}: {}",
+            f.index,
+            f.digest,
+            f.error.as_deref().unwrap_or("")
+        ));
+    }
+    let kind = if wrong {
+        ErrorKind::WrongKey
+    } else {
+        ErrorKind::MissingKey
+    };
+    let what = if wrong { "wrong key" } else { "missing key" };
+    let mut e = CliError::new(
+        kind,
+        format!(
+            "{what}: the keys ({}) cannot decrypt {} of {} encrypted layer(s) of {image}:\n  {}",
+            if keyctx.key_sources.is_empty() {
+                "none".to_owned()
+            } else {
+                keyctx.key_sources.join(", ")
+            },
+            failed.len(),
+            checks.len(),
+            lines.join("\n  ")
+        ),
+    )
+    .hint("pass the private key of one of the image's recipients; `imgcrypt inspect` shows the schemes");
+    e.details = Some(Box::new(details));
+    Err(e)
+}
+
+fn refuse_existing(path: &Path, force: bool) -> Result<(), CliError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(CliError::usage(format!(
+            "{} is a symbolic link: refusing to write a key through it",
+            path.display()
+        ))),
+        Ok(m) if m.is_dir() => Err(CliError::usage(format!("{} is a directory", path.display()))),
+        Ok(_) if !force => Err(CliError::usage(format!("{} already exists", path.display()))
+            .hint("pass --force to overwrite it, or choose another path")),
+        _ => Ok(()),
+    }
+}
+
+fn write_key_file(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<(), CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error| {
+        CliError::new(
+            ErrorKind::Failure,
+            format!("cannot write {}: {e}", path.display()),
+        )
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".imgcrypt-key.")
+        .tempfile_in(&dir)
+        .map_err(io)?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    if force {
+        tmp.persist(path).map_err(|e| io(e.error))?;
+    } else {
+        tmp.persist_noclobber(path).map_err(|e| io(e.error))?;
+    }
+    ocicrypt_core::fsutil::sync_dir(&dir);
+    Ok(())
+}
+
+/// Generates a key pair into `private` (0600) and `public` (0644), atomically.
+///
+/// # Errors
+/// Existing files without `force`, symbolic links, I/O.
+pub fn keygen_files(kind: KeyType, private: &Path, public: &Path, force: bool) -> Result<(), CliError> {
+    refuse_existing(private, force)?;
+    refuse_existing(public, force)?;
+    let (priv_pem, pub_pem) = match kind {
+        KeyType::Rsa(bits) => keys::generate_rsa(bits),
+        KeyType::Ec(curve) => keys::generate_ec(curve),
+    }
+    .map_err(|e| CliError::new(ErrorKind::Failure, e.to_string()))?;
+    write_key_file(private, priv_pem.as_bytes(), 0o600, force)?;
+    write_key_file(public, pub_pem.as_bytes(), 0o644, force)?;
+    Ok(())
+}
+
+fn keygen(
+    kind: KeyType,
+    private: &Path,
+    public: &Path,
+    force: bool,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), CliError> {
+    keygen_files(kind, private, public, force)?;
+    if ctx.output.json {
+        ctx.json(&json!({
+            "type": kind.to_string(),
+            "private_key": private.display().to_string(),
+            "public_key": public.display().to_string(),
+            "recipient": format!("jwe:{}", public.display()),
+        }));
+    } else if !ctx.output.quiet {
+        ctx.print(&format!("{kind} key pair:"));
+        ctx.print(&format!(
+            "  private key {} (mode 0600): decrypt with --key {}",
+            private.display(),
+            private.display()
+        ));
+        ctx.print(&format!(
+            "  public key  {}: encrypt with --recipient jwe:{}",
+            public.display(),
+            public.display()
+        ));
+    }
+    Ok(())
+}

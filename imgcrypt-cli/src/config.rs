@@ -1,0 +1,460 @@
+//! The validated configuration: what [`crate::cli`] parsed, checked and resolved before any
+//! work is done.
+
+use std::path::PathBuf;
+
+use ocicrypt_core::image::LayerSelection;
+
+use crate::auth::Creds;
+use crate::cli::{self, Cli, Command, RecipientsCommand};
+use crate::error::CliError;
+use crate::keyspec::{parse_key, parse_recipient, KeySpec, RecipientSpec};
+use crate::reference::{ImageRef, Reference};
+
+/// Output settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    /// JSON on stdout.
+    pub json: bool,
+    /// No progress, no summary.
+    pub quiet: bool,
+}
+
+/// Registry access for one side (source or destination).
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Explicit credentials.
+    pub creds: Option<Creds>,
+    /// HTTPS (true) or plain HTTP.
+    pub tls_verify: bool,
+    /// Auth file to use instead of the defaults.
+    pub authfile: Option<PathBuf>,
+}
+
+/// What a transform does.
+#[derive(Debug)]
+pub enum OpSpec {
+    /// Encrypt for recipients.
+    Encrypt {
+        /// Recipients.
+        recipients: Vec<RecipientSpec>,
+    },
+    /// Decrypt with keys.
+    Decrypt {
+        /// Keys.
+        keys: Keys,
+    },
+    /// Add recipients.
+    AddRecipients {
+        /// Keys that can decrypt.
+        keys: Keys,
+        /// New recipients.
+        recipients: Vec<RecipientSpec>,
+    },
+    /// Keep exactly these recipients.
+    SetRecipients {
+        /// Keys that can decrypt.
+        keys: Keys,
+        /// Remaining recipients.
+        recipients: Vec<RecipientSpec>,
+    },
+}
+
+impl OpSpec {
+    /// `encrypt`, `decrypt`, …
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpSpec::Encrypt { .. } => "encrypt",
+            OpSpec::Decrypt { .. } => "decrypt",
+            OpSpec::AddRecipients { .. } => "recipients add",
+            OpSpec::SetRecipients { .. } => "recipients remove",
+        }
+    }
+}
+
+/// Keys given with `--key` and `--key-dir`.
+#[derive(Debug, Default)]
+pub struct Keys {
+    /// `--key` values.
+    pub keys: Vec<KeySpec>,
+    /// `--key-dir` values.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// A copy from `src` to `dst` with an operation.
+#[derive(Debug)]
+pub struct Transform {
+    /// Source image.
+    pub src: ImageRef,
+    /// Destination image.
+    pub dst: ImageRef,
+    /// Source access.
+    pub src_access: Access,
+    /// Destination access.
+    pub dst_access: Access,
+    /// The operation.
+    pub op: OpSpec,
+    /// Layers and platforms.
+    pub selection: LayerSelection,
+    /// Layers in flight.
+    pub concurrency: usize,
+}
+
+/// A validated command.
+#[derive(Debug)]
+pub enum Config {
+    /// encrypt, decrypt, recipients add/remove.
+    Transform(Box<Transform>),
+    /// inspect.
+    Inspect {
+        /// The image.
+        image: ImageRef,
+        /// Access.
+        access: Access,
+    },
+    /// check.
+    Check {
+        /// The image.
+        image: ImageRef,
+        /// Access.
+        access: Access,
+        /// Keys.
+        keys: Keys,
+        /// Platforms.
+        platforms: Vec<String>,
+    },
+    /// keygen.
+    Keygen {
+        /// Key type.
+        kind: KeyType,
+        /// Private key file.
+        private: PathBuf,
+        /// Public key file.
+        public: PathBuf,
+        /// Overwrite.
+        force: bool,
+    },
+    /// demo.
+    Demo {
+        /// Working directory.
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Key types `keygen` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    /// RSA with this many bits.
+    Rsa(u32),
+    /// EC on this curve (`P-256`, `P-384`, `P-521`).
+    Ec(&'static str),
+}
+
+impl KeyType {
+    /// Parses `rsa-3072`, `rsa3072`, `rsa`, `ec-p256`, `p256`, `ec`, `ec-p384`…
+    ///
+    /// # Errors
+    /// [`CliError`] usage.
+    pub fn parse(s: &str) -> Result<KeyType, CliError> {
+        let norm: String = s
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect();
+        Ok(match norm.as_str() {
+            "rsa" | "rsa3072" => KeyType::Rsa(3072),
+            "rsa2048" => KeyType::Rsa(2048),
+            "rsa4096" => KeyType::Rsa(4096),
+            "ec" | "ecp256" | "p256" | "prime256v1" => KeyType::Ec("P-256"),
+            "ecp384" | "p384" | "secp384r1" => KeyType::Ec("P-384"),
+            "ecp521" | "p521" | "secp521r1" => KeyType::Ec("P-521"),
+            _ => {
+                return Err(CliError::usage(format!(
+                    "unknown key type {s:?}: use rsa-2048, rsa-3072, rsa-4096, ec-p256 or ec-p384"
+                )))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for KeyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyType::Rsa(b) => write!(f, "RSA-{b}"),
+            KeyType::Ec(c) => write!(f, "EC {c}"),
+        }
+    }
+}
+
+fn access(t: &cli::TransportArgs, src: bool) -> Result<Access, CliError> {
+    let (side_creds, flag, side_tls) = if src {
+        (&t.src_creds, "--src-creds", t.src_tls_verify)
+    } else {
+        (&t.dst_creds, "--dest-creds", t.dst_tls_verify)
+    };
+    let creds = match (side_creds, &t.creds) {
+        (Some(c), _) => Some(Creds::parse(c, flag)?),
+        (None, Some(c)) => Some(Creds::parse(c, "--creds")?),
+        (None, None) => None,
+    };
+    Ok(Access {
+        creds,
+        tls_verify: side_tls.or(t.tls_verify).unwrap_or(true),
+        authfile: t.authfile.clone(),
+    })
+}
+
+fn recipients(list: &[String]) -> Result<Vec<RecipientSpec>, CliError> {
+    if list.is_empty() {
+        return Err(CliError::usage(
+            "give at least one --recipient jwe:PUBLIC_KEY_FILE",
+        ));
+    }
+    list.iter().map(|r| parse_recipient(r)).collect()
+}
+
+fn keys(k: &cli::KeyArgs) -> Result<Keys, CliError> {
+    let keys = k
+        .keys
+        .iter()
+        .map(|s| parse_key(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Keys {
+        keys,
+        dirs: k.key_dirs.clone(),
+    })
+}
+
+fn require_keys(k: &Keys, what: &str) -> Result<(), CliError> {
+    if k.keys.is_empty() && k.dirs.is_empty() {
+        return Err(CliError::usage(format!(
+            "{what} needs a private key: --key FILE[:PASSWORD] or --key-dir DIR"
+        )));
+    }
+    Ok(())
+}
+
+fn selection(s: &cli::SelectionArgs) -> Result<LayerSelection, CliError> {
+    for p in &s.platforms {
+        let parts: Vec<&str> = p.split('/').collect();
+        if !(2..=3).contains(&parts.len()) || parts.iter().any(|x| x.is_empty()) {
+            return Err(CliError::usage(format!(
+                "platform {p:?}: write OS/ARCH[/VARIANT], e.g. linux/amd64"
+            )));
+        }
+    }
+    Ok(LayerSelection {
+        layers: s.layers.clone(),
+        platforms: s.platforms.clone(),
+    })
+}
+
+fn destination(s: &str) -> Result<ImageRef, CliError> {
+    let r = ImageRef::parse(s)?;
+    if let ImageRef::Registry(reg) = &r {
+        if let Reference::Digest(_) = reg.reference {
+            return Err(CliError::new(
+                crate::error::ErrorKind::BadReference,
+                format!("destination {s}: a changed image gets a new digest; push it to a tag (docker://HOST/REPO:TAG)"),
+            ));
+        }
+    }
+    Ok(r)
+}
+
+impl Config {
+    /// Validates parsed arguments.
+    ///
+    /// # Errors
+    /// [`CliError`] naming the bad argument.
+    pub fn from_cli(cli: Cli) -> Result<(Config, Output), CliError> {
+        let out = Output {
+            json: cli.json,
+            quiet: cli.quiet,
+        };
+        if cli.concurrency == 0 || cli.concurrency > 64 {
+            return Err(CliError::usage("--concurrency must be between 1 and 64"));
+        }
+        let t = &cli.transport;
+        let transform =
+            |src: &str, dst: &str, op: OpSpec, sel: &cli::SelectionArgs| -> Result<Config, CliError> {
+                Ok(Config::Transform(Box::new(Transform {
+                    src: ImageRef::parse(src)?,
+                    dst: destination(dst)?,
+                    src_access: access(t, true)?,
+                    dst_access: access(t, false)?,
+                    op,
+                    selection: selection(sel)?,
+                    concurrency: cli.concurrency,
+                })))
+            };
+        let cfg = match &cli.command {
+            Command::Encrypt(a) => transform(
+                &a.src,
+                &a.dst,
+                OpSpec::Encrypt {
+                    recipients: recipients(&a.recipients)?,
+                },
+                &a.selection,
+            )?,
+            Command::Decrypt(a) => {
+                let k = keys(&a.keys)?;
+                require_keys(&k, "decrypt")?;
+                transform(&a.src, &a.dst, OpSpec::Decrypt { keys: k }, &a.selection)?
+            }
+            Command::Recipients(rc) => {
+                let (a, add) = match rc {
+                    RecipientsCommand::Add(a) => (a, true),
+                    RecipientsCommand::Remove(a) => (a, false),
+                };
+                let k = keys(&a.keys)?;
+                require_keys(
+                    &k,
+                    if add {
+                        "recipients add"
+                    } else {
+                        "recipients remove"
+                    },
+                )?;
+                let r = recipients(&a.recipients)?;
+                let op = if add {
+                    OpSpec::AddRecipients {
+                        keys: k,
+                        recipients: r,
+                    }
+                } else {
+                    OpSpec::SetRecipients {
+                        keys: k,
+                        recipients: r,
+                    }
+                };
+                let dst = a.dst.as_deref().unwrap_or(&a.image);
+                transform(&a.image, dst, op, &a.selection)?
+            }
+            Command::Inspect(a) => Config::Inspect {
+                image: ImageRef::parse(&a.image)?,
+                access: access(t, true)?,
+            },
+            Command::Check(a) => {
+                let k = keys(&a.keys)?;
+                require_keys(&k, "check")?;
+                selection(&cli::SelectionArgs {
+                    layers: vec![],
+                    platforms: a.platforms.clone(),
+                })?;
+                Config::Check {
+                    image: ImageRef::parse(&a.image)?,
+                    access: access(t, true)?,
+                    keys: k,
+                    platforms: a.platforms.clone(),
+                }
+            }
+            Command::Keygen(a) => {
+                let kind = KeyType::parse(&a.r#type)?;
+                let public = match &a.public {
+                    Some(p) => p.clone(),
+                    None => default_public_path(&a.out),
+                };
+                if public == a.out {
+                    return Err(CliError::usage(
+                        "the public key path must differ from the private key path",
+                    ));
+                }
+                Config::Keygen {
+                    kind,
+                    private: a.out.clone(),
+                    public,
+                    force: a.force,
+                }
+            }
+            Command::Demo(a) => Config::Demo { dir: a.dir.clone() },
+        };
+        Ok((cfg, out))
+    }
+}
+
+/// `key.pem` → `key.pub.pem`; `key` → `key.pub`.
+pub fn default_public_path(private: &std::path::Path) -> PathBuf {
+    let name = private
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let public = match name.strip_suffix(".pem") {
+        Some(stem) => format!("{stem}.pub.pem"),
+        None => format!("{name}.pub"),
+    };
+    private.with_file_name(public)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cfg(args: &[&str]) -> Result<Config, CliError> {
+        let mut v = vec!["imgcrypt"];
+        v.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(v).map_err(|e| CliError::usage(e.to_string()))?).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn key_types_and_paths() {
+        assert_eq!(KeyType::parse("rsa-2048").unwrap(), KeyType::Rsa(2048));
+        assert_eq!(KeyType::parse("EC-P384").unwrap(), KeyType::Ec("P-384"));
+        assert!(KeyType::parse("ed25519").is_err());
+        assert_eq!(
+            default_public_path("/k/a.pem".as_ref()),
+            PathBuf::from("/k/a.pub.pem")
+        );
+        assert_eq!(default_public_path("a".as_ref()), PathBuf::from("a.pub"));
+    }
+
+    #[test]
+    fn skopeo_aliases_and_selection() {
+        let c = cfg(&[
+            "encrypt",
+            "--encryption-key",
+            "jwe:a.pem",
+            "--encrypt-layer",
+            "-1",
+            "--encrypt-layer",
+            "0,1",
+            "--platform",
+            "linux/arm64",
+            "oci:a:v1",
+            "oci:b:v1",
+        ])
+        .unwrap();
+        let Config::Transform(t) = c else { panic!() };
+        assert_eq!(t.selection.layers, vec![-1, 0, 1]);
+        assert_eq!(t.selection.platforms, vec!["linux/arm64".to_owned()]);
+        assert!(matches!(t.op, OpSpec::Encrypt { ref recipients } if recipients.len() == 1));
+        assert!(t.src_access.tls_verify);
+        let c = cfg(&[
+            "--tls-verify=false",
+            "--creds",
+            "u:p",
+            "inspect",
+            "docker://h:1/r:t",
+        ])
+        .unwrap();
+        let Config::Inspect { access, .. } = c else {
+            panic!()
+        };
+        assert!(!access.tls_verify);
+        assert_eq!(access.creds.unwrap().user, "u");
+        assert!(cfg(&["decrypt", "oci:a", "oci:b"]).is_err());
+        assert!(cfg(&[
+            "encrypt",
+            "--recipient",
+            "jwe:a",
+            "--platform",
+            "linux",
+            "oci:a",
+            "oci:b"
+        ])
+        .is_err());
+        let d = format!("docker://h.io/r@sha256:{}", "a".repeat(64));
+        assert!(cfg(&["encrypt", "--recipient", "jwe:a", "oci:a", &d]).is_err());
+    }
+}

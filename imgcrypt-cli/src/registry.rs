@@ -1,0 +1,858 @@
+//! A registry client over the OCI distribution API, as an [`ImageSource`] and [`ImageDest`].
+//!
+//! * Pulls stream blob bodies through a digest-verifying reader; manifests and configs are read
+//!   whole (bounded) and verified.
+//! * Pushes stream: `POST /v2/<repo>/blobs/uploads/`, one `PATCH` whose chunked body is fed as
+//!   the (encrypted or decrypted) stream is produced, and the final `PUT ?digest=` only after
+//!   the stream reached end-of-file cleanly. A failed stream aborts the `PATCH` and the upload
+//!   is `DELETE`d: nothing is committed, and nothing is tagged (the tag is pushed last).
+//! * Authentication: HTTP Basic and the Bearer token challenge flow (`WWW-Authenticate`), with
+//!   credentials from `--creds`, auth files or none.
+//! * `--tls-verify=false` means plain HTTP.
+
+use std::fmt;
+use std::io;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use oci_spec::image::Descriptor;
+use ocicrypt_core::image::digest::{format_sha256, verify_bytes, VerifyReader};
+use ocicrypt_core::image::layout::descriptor;
+use ocicrypt_core::image::{BlobReader, ImageDest, ImageSource};
+use ocicrypt_core::keywrap::BoxFuture;
+use ocicrypt_core::mediatype as mt;
+use ocicrypt_core::Error as CoreError;
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
+};
+use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use zeroize::Zeroizing;
+
+use crate::auth::Creds;
+use crate::error::{CliError, ErrorKind};
+use crate::reference::{Reference, RegistryRef};
+
+/// Largest manifest, index or config read into memory.
+const MAX_SMALL: u64 = 32 << 20;
+/// Size of the chunks a pushed stream is cut into.
+const CHUNK: usize = 256 << 10;
+/// Chunks buffered between the producer and the HTTP body.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What went wrong talking to a registry. Carried inside [`CoreError::Io`] through the image
+/// operations, and classified by [`crate::error::from_core`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// Credentials missing or refused.
+    #[error("registry {registry}: authentication failed: {detail}")]
+    Auth {
+        /// `host[:port]`.
+        registry: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The registry cannot be reached, timed out or failed (5xx).
+    #[error("registry {registry}: {detail}")]
+    Network {
+        /// `host[:port]`.
+        registry: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The image or a blob does not exist.
+    #[error("{what} does not exist in registry {registry}")]
+    NotFound {
+        /// `host[:port]`.
+        registry: String,
+        /// What was asked for.
+        what: String,
+    },
+    /// The registry said no (another 4xx) or answered something unexpected.
+    #[error("registry {registry}: {detail}")]
+    Protocol {
+        /// `host[:port]`.
+        registry: String,
+        /// What happened.
+        detail: String,
+    },
+}
+
+impl RegistryError {
+    /// What the user sees.
+    pub fn to_cli(&self) -> CliError {
+        match self {
+            RegistryError::Auth { .. } => CliError::new(ErrorKind::RegistryAuth, self.to_string()).hint(
+                "pass --creds USER:PASSWORD (or --src-creds/--dest-creds), or put the credentials in REGISTRY_AUTH_FILE or ~/.docker/config.json",
+            ),
+            RegistryError::Network { .. } => CliError::new(ErrorKind::Network, self.to_string())
+                .hint("check the host and port, that the registry is running, and --tls-verify=false for a plain-HTTP registry"),
+            RegistryError::NotFound { .. } => CliError::new(ErrorKind::BadReference, self.to_string())
+                .hint("check the repository and tag (skopeo list-tags docker://HOST/REPO lists the tags)"),
+            RegistryError::Protocol { .. } => CliError::new(ErrorKind::Failure, self.to_string()),
+        }
+    }
+}
+
+fn core(e: RegistryError) -> CoreError {
+    CoreError::Io(io::Error::other(e))
+}
+
+/// Connection options.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Credentials, if any.
+    pub creds: Option<Creds>,
+    /// `false`: plain HTTP.
+    pub tls_verify: bool,
+}
+
+/// An image in a registry, readable and writable.
+pub struct RegistryImage {
+    r: RegistryRef,
+    base: String,
+    client: Client,
+    creds: Option<Creds>,
+    push: bool,
+    auth: Mutex<Option<Zeroizing<String>>>,
+    root: Mutex<Option<(Descriptor, Vec<u8>)>>,
+    uploads: Mutex<Vec<String>>,
+}
+
+impl fmt::Debug for RegistryImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryImage")
+            .field("image", &self.r.to_string())
+            .field("base", &self.base)
+            .field("creds", &self.creds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// `basic` or `bearer` (lowercase).
+    pub scheme: String,
+    /// Parameters (`realm`, `service`, `scope`).
+    pub params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses `Bearer realm="https://auth",service="reg",scope="repository:a:pull"`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while matches!(chars.peek(), Some(c) if c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c == ',' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.trim().is_empty() {
+            break;
+        }
+        if chars.next() != Some('=') {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            value.push(n);
+                        }
+                    }
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        params.push((key.trim().to_owned(), value.trim().to_owned()));
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+fn is_manifest_type(media: &str) -> bool {
+    matches!(
+        media,
+        mt::OCI_MANIFEST | mt::OCI_INDEX | mt::DOCKER_MANIFEST | mt::DOCKER_MANIFEST_LIST
+    )
+}
+
+async fn fill(r: &mut (dyn AsyncRead + Send + Unpin), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = r.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+enum PumpError {
+    /// The source stream failed (tampered data, a source read error…).
+    Source(io::Error),
+    /// The request stopped taking the body.
+    Closed,
+}
+
+impl RegistryImage {
+    /// A handle on `r`; `push` asks for push access when authenticating.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Failure`] if the HTTP client cannot be built.
+    pub fn new(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, CliError> {
+        let scheme = if opts.tls_verify { "https" } else { "http" };
+        let base = format!("{scheme}://{}", r.api_host());
+        let client = Client::builder()
+            .user_agent(concat!("imgcrypt/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| CliError::new(ErrorKind::Failure, format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            r,
+            base,
+            client,
+            creds: opts.creds,
+            push,
+            auth: Mutex::new(None),
+            root: Mutex::new(None),
+            uploads: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn host(&self) -> String {
+        self.r.host.clone()
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v2/{}/{tail}", self.base, self.r.repo)
+    }
+
+    fn net(&self, e: &reqwest::Error) -> RegistryError {
+        let mut detail = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            let t = s.to_string();
+            if !detail.contains(&t) {
+                detail.push_str(": ");
+                detail.push_str(&t);
+            }
+            src = s.source();
+        }
+        let what = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connect() {
+            "cannot connect"
+        } else {
+            "request failed"
+        };
+        RegistryError::Network {
+            registry: self.host(),
+            detail: format!("{what} ({}): {detail}", self.base),
+        }
+    }
+
+    fn with_auth(&self, rb: RequestBuilder) -> RequestBuilder {
+        match self.auth.lock().expect("auth lock").as_ref() {
+            Some(h) => rb.header(AUTHORIZATION, h.as_str()),
+            None => rb,
+        }
+    }
+
+    /// Sends a request built by `build`, answering one authentication challenge.
+    async fn send(&self, build: impl Fn(&Client) -> RequestBuilder) -> Result<Response, RegistryError> {
+        let resp = self
+            .with_auth(build(&self.client))
+            .send()
+            .await
+            .map_err(|e| self.net(&e))?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.authenticate(challenge.as_deref()).await?;
+        let resp = self
+            .with_auth(build(&self.client))
+            .send()
+            .await
+            .map_err(|e| self.net(&e))?;
+        if matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(self.refused(resp.status()));
+        }
+        Ok(resp)
+    }
+
+    fn refused(&self, status: StatusCode) -> RegistryError {
+        let detail = match &self.creds {
+            Some(c) => format!(
+                "the credentials for user {:?} (from {}) were refused ({status})",
+                c.user, c.origin
+            ),
+            None => format!("the registry requires credentials and none were given ({status})"),
+        };
+        RegistryError::Auth {
+            registry: self.host(),
+            detail,
+        }
+    }
+
+    async fn authenticate(&self, challenge: Option<&str>) -> Result<(), RegistryError> {
+        let Some(ch) = challenge.and_then(parse_challenge) else {
+            return Err(RegistryError::Auth {
+                registry: self.host(),
+                detail: "401 Unauthorized without a usable WWW-Authenticate challenge".into(),
+            });
+        };
+        match ch.scheme.as_str() {
+            "basic" => {
+                let Some(c) = &self.creds else {
+                    return Err(self.refused(StatusCode::UNAUTHORIZED));
+                };
+                *self.auth.lock().expect("auth lock") = Some(c.basic_header());
+                Ok(())
+            }
+            "bearer" => {
+                let token = self.fetch_token(&ch).await?;
+                *self.auth.lock().expect("auth lock") = Some(Zeroizing::new(format!("Bearer {}", &*token)));
+                Ok(())
+            }
+            other => Err(RegistryError::Auth {
+                registry: self.host(),
+                detail: format!("unsupported authentication scheme {other:?}"),
+            }),
+        }
+    }
+
+    async fn fetch_token(&self, ch: &Challenge) -> Result<Zeroizing<String>, RegistryError> {
+        let realm = ch.param("realm").ok_or_else(|| RegistryError::Auth {
+            registry: self.host(),
+            detail: "Bearer challenge without a realm".into(),
+        })?;
+        let actions = if self.push { "pull,push" } else { "pull" };
+        let scope = format!("repository:{}:{actions}", self.r.repo);
+        let mut query: Vec<(&str, &str)> = vec![("scope", &scope)];
+        if let Some(s) = ch.param("service") {
+            query.push(("service", s));
+        }
+        let mut rb = self.client.get(realm).query(&query);
+        if let Some(c) = &self.creds {
+            rb = rb.header(AUTHORIZATION, c.basic_header().as_str());
+        }
+        let resp = rb.send().await.map_err(|e| self.net(&e))?;
+        let status = resp.status();
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(self.refused(status));
+        }
+        if !status.is_success() {
+            return Err(self
+                .status_error(resp, &format!("token request to {realm}"))
+                .await);
+        }
+        let bytes = Zeroizing::new(resp.bytes().await.map_err(|e| self.net(&e))?.to_vec());
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Auth {
+            registry: self.host(),
+            detail: format!("the token server {realm} answered something that is not JSON: {e}"),
+        })?;
+        let tok = v
+            .get("token")
+            .or_else(|| v.get("access_token"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| RegistryError::Auth {
+                registry: self.host(),
+                detail: format!("the token server {realm} returned no token"),
+            })?;
+        Ok(Zeroizing::new(tok.to_owned()))
+    }
+
+    async fn status_error(&self, resp: Response, what: &str) -> RegistryError {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("errors")?.as_array()?.first().map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.get("code").and_then(|c| c.as_str()).unwrap_or(""),
+                        e.get("message").and_then(|c| c.as_str()).unwrap_or("")
+                    )
+                })
+            })
+            .unwrap_or_else(|| body.chars().take(200).collect());
+        let detail = format!("{what}: {status} {msg}");
+        if status.is_server_error() {
+            RegistryError::Network {
+                registry: self.host(),
+                detail,
+            }
+        } else if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            RegistryError::Auth {
+                registry: self.host(),
+                detail,
+            }
+        } else {
+            RegistryError::Protocol {
+                registry: self.host(),
+                detail,
+            }
+        }
+    }
+
+    async fn read_body(&self, resp: Response, limit: u64, what: &str) -> Result<Vec<u8>, RegistryError> {
+        if resp.content_length().is_some_and(|l| l > limit) {
+            return Err(RegistryError::Protocol {
+                registry: self.host(),
+                detail: format!("{what} is larger than {limit} bytes"),
+            });
+        }
+        let mut out = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.net(&e))? {
+            out.extend_from_slice(&chunk);
+            if out.len() as u64 > limit {
+                return Err(RegistryError::Protocol {
+                    registry: self.host(),
+                    detail: format!("{what} is larger than {limit} bytes"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn fetch_root(&self) -> Result<(Descriptor, Vec<u8>), CoreError> {
+        let url = self.url(&format!("manifests/{}", self.r.reference.as_str()));
+        let resp = self
+            .send(|c| c.get(&url).header(ACCEPT, MANIFEST_ACCEPT))
+            .await
+            .map_err(core)?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Err(core(RegistryError::NotFound {
+                registry: self.host(),
+                what: format!("image {}", self.r),
+            }));
+        }
+        if !resp.status().is_success() {
+            return Err(core(
+                self.status_error(resp, &format!("GET manifest of {}", self.r))
+                    .await,
+            ));
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .unwrap_or_default();
+        let bytes = self
+            .read_body(resp, MAX_SMALL, "the manifest")
+            .await
+            .map_err(core)?;
+        let media = if is_manifest_type(&content_type) {
+            content_type
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| CoreError::Image(format!("the manifest of {} is not JSON: {e}", self.r)))?;
+            match v.get("mediaType").and_then(|m| m.as_str()) {
+                Some(m) => m.to_owned(),
+                None if v.get("manifests").is_some() => mt::OCI_INDEX.to_owned(),
+                None => mt::OCI_MANIFEST.to_owned(),
+            }
+        };
+        let digest = ocicrypt_core::image::digest::sha256_digest(&bytes);
+        if let Reference::Digest(d) = &self.r.reference {
+            verify_bytes(&format!("manifest of {}", self.r), &bytes, d, bytes.len() as u64)?;
+        }
+        let desc = descriptor(&media, &digest, bytes.len() as u64)?;
+        Ok((desc, bytes))
+    }
+
+    fn pending_upload(&self, url: &str, add: bool) {
+        let mut u = self.uploads.lock().expect("uploads lock");
+        if add {
+            u.push(url.to_owned());
+        } else {
+            u.retain(|x| x != url);
+        }
+    }
+
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_owned()
+        } else {
+            format!("{}{location}", self.base)
+        }
+    }
+
+    fn location(&self, resp: &Response) -> Result<String, RegistryError> {
+        resp.headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|l| self.absolute(l))
+            .ok_or_else(|| RegistryError::Protocol {
+                registry: self.host(),
+                detail: "blob upload answer without a Location header".into(),
+            })
+    }
+
+    async fn delete_upload(&self, url: &str) {
+        let _ = self.with_auth(self.client.delete(url)).send().await;
+        self.pending_upload(url, false);
+    }
+
+    async fn upload(&self, data: &mut (dyn AsyncRead + Send + Unpin)) -> Result<(String, u64), CoreError> {
+        let start = self.url("blobs/uploads/");
+        let resp = self
+            .send(|c| c.post(&start).header(CONTENT_LENGTH, "0"))
+            .await
+            .map_err(core)?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(core(self.status_error(resp, "starting a blob upload").await));
+        }
+        let loc = self.location(&resp).map_err(core)?;
+        self.pending_upload(&loc, true);
+        match self.upload_to(&loc, data).await {
+            Ok(r) => {
+                self.pending_upload(&loc, false);
+                Ok(r)
+            }
+            Err(e) => {
+                self.delete_upload(&loc).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_to(
+        &self,
+        loc: &str,
+        data: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<(String, u64), CoreError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, io::Error>>(CHUNKS_IN_FLIGHT);
+        let body_stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let body = reqwest::Body::wrap_stream(body_stream);
+        let pump = async move {
+            let mut hasher = Sha256::new();
+            let mut len = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = match fill(data, &mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::other("the source stream failed"))).await;
+                        return Err(PumpError::Source(e));
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                hasher.update(&buf);
+                len += n as u64;
+                if tx.send(Ok(buf)).await.is_err() {
+                    return Err(PumpError::Closed);
+                }
+            }
+            drop(tx);
+            Ok((format_sha256(hasher), len))
+        };
+        let request = async {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            self.with_auth(self.client.patch(loc).headers(headers).body(body))
+                .send()
+                .await
+        };
+        let (pumped, sent) = tokio::join!(pump, request);
+        let (digest, len) = match pumped {
+            Ok(x) => x,
+            Err(PumpError::Source(e)) => return Err(CoreError::from_stream(e)),
+            Err(PumpError::Closed) => {
+                return Err(match sent {
+                    Ok(resp) => core(self.status_error(resp, "uploading a blob").await),
+                    Err(e) => core(self.net(&e)),
+                })
+            }
+        };
+        let resp = sent.map_err(|e| core(self.net(&e)))?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(core(self.refused(resp.status())));
+        }
+        if !resp.status().is_success() {
+            return Err(core(self.status_error(resp, "uploading a blob").await));
+        }
+        let next = self.location(&resp).unwrap_or_else(|_| loc.to_owned());
+        let mut url = reqwest::Url::parse(&next).map_err(|e| {
+            core(RegistryError::Protocol {
+                registry: self.host(),
+                detail: format!("bad upload location {next:?}: {e}"),
+            })
+        })?;
+        url.query_pairs_mut().append_pair("digest", &digest);
+        let resp = self
+            .with_auth(self.client.put(url).header(CONTENT_LENGTH, "0"))
+            .send()
+            .await
+            .map_err(|e| core(self.net(&e)))?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(core(
+                self.status_error(resp, &format!("committing blob {digest}"))
+                    .await,
+            ));
+        }
+        Ok((digest, len))
+    }
+
+    async fn put_manifest(&self, reference: &str, bytes: &[u8], media_type: &str) -> Result<(), CoreError> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = self
+            .send(|c| c.put(&url).header(CONTENT_TYPE, media_type).body(bytes.to_vec()))
+            .await
+            .map_err(core)?;
+        if !resp.status().is_success() {
+            return Err(core(
+                self.status_error(resp, &format!("pushing manifest {reference}"))
+                    .await,
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ImageSource for RegistryImage {
+    fn describe(&self) -> String {
+        self.r.to_string()
+    }
+
+    fn root(&self) -> BoxFuture<'_, Result<Descriptor, CoreError>> {
+        Box::pin(async move {
+            if let Some((d, _)) = self.root.lock().expect("root lock").as_ref() {
+                return Ok(d.clone());
+            }
+            let (d, b) = self.fetch_root().await?;
+            *self.root.lock().expect("root lock") = Some((d.clone(), b));
+            Ok(d)
+        })
+    }
+
+    fn read_small<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<Vec<u8>, CoreError>> {
+        Box::pin(async move {
+            let digest = desc.digest().to_string();
+            if let Some((d, b)) = self.root.lock().expect("root lock").as_ref() {
+                if d.digest().to_string() == digest {
+                    return Ok(b.clone());
+                }
+            }
+            if desc.size() > MAX_SMALL {
+                return Err(CoreError::Image(format!(
+                    "{digest} in {} is {} bytes, more than the {MAX_SMALL} read into memory for a manifest or config",
+                    self.r,
+                    desc.size()
+                )));
+            }
+            let media = desc.media_type().to_string();
+            let (url, accept) = if is_manifest_type(&media) {
+                (self.url(&format!("manifests/{digest}")), MANIFEST_ACCEPT)
+            } else {
+                (self.url(&format!("blobs/{digest}")), "*/*")
+            };
+            let resp = self
+                .send(|c| c.get(&url).header(ACCEPT, accept))
+                .await
+                .map_err(core)?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Err(core(RegistryError::NotFound {
+                    registry: self.host(),
+                    what: format!("{digest} (of {})", self.r),
+                }));
+            }
+            if !resp.status().is_success() {
+                return Err(core(self.status_error(resp, &format!("GET {digest}")).await));
+            }
+            let bytes = self
+                .read_body(resp, desc.size(), &digest)
+                .await
+                .map_err(|e| match e {
+                    RegistryError::Protocol { .. } => CoreError::DigestMismatch {
+                        what: format!("{digest} from {}", self.r),
+                        expected: format!("{digest} ({} bytes)", desc.size()),
+                        actual: format!("more than {} bytes", desc.size()),
+                    },
+                    other => core(other),
+                })?;
+            verify_bytes(&format!("{digest} from {}", self.r), &bytes, &digest, desc.size())?;
+            Ok(bytes)
+        })
+    }
+
+    fn open_blob<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<BlobReader, CoreError>> {
+        Box::pin(async move {
+            let digest = desc.digest().to_string();
+            let url = self.url(&format!("blobs/{digest}"));
+            let resp = self.send(|c| c.get(&url)).await.map_err(core)?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Err(core(RegistryError::NotFound {
+                    registry: self.host(),
+                    what: format!("blob {digest} (of {})", self.r),
+                }));
+            }
+            if !resp.status().is_success() {
+                return Err(core(self.status_error(resp, &format!("GET blob {digest}")).await));
+            }
+            let host = self.host();
+            let stream = resp.bytes_stream().map_err(move |e| {
+                io::Error::other(RegistryError::Network {
+                    registry: host.clone(),
+                    detail: format!("reading a blob failed: {e}"),
+                })
+            });
+            let reader = tokio_util::io::StreamReader::new(stream);
+            let r = VerifyReader::new(
+                reader,
+                &digest,
+                desc.size(),
+                format!("blob {digest} from {}", self.r),
+            )?;
+            Ok(Box::pin(r) as BlobReader)
+        })
+    }
+}
+
+impl ImageDest for RegistryImage {
+    fn describe(&self) -> String {
+        self.r.to_string()
+    }
+
+    fn has_blob<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<bool, CoreError>> {
+        Box::pin(async move {
+            let url = self.url(&format!("blobs/{}", desc.digest()));
+            let resp = self.send(|c| c.request(Method::HEAD, &url)).await.map_err(core)?;
+            match resp.status() {
+                s if s.is_success() => Ok(true),
+                StatusCode::NOT_FOUND => Ok(false),
+                _ => Err(core(
+                    self.status_error(resp, &format!("HEAD blob {}", desc.digest()))
+                        .await,
+                )),
+            }
+        })
+    }
+
+    fn write_blob<'a>(
+        &'a self,
+        _media_type: &'a str,
+        _size_hint: Option<u64>,
+        data: &'a mut (dyn AsyncRead + Send + Unpin),
+    ) -> BoxFuture<'a, Result<(String, u64), CoreError>> {
+        Box::pin(self.upload(data))
+    }
+
+    fn write_manifest<'a>(
+        &'a self,
+        bytes: &'a [u8],
+        media_type: &'a str,
+    ) -> BoxFuture<'a, Result<(), CoreError>> {
+        Box::pin(async move {
+            let digest = ocicrypt_core::image::digest::sha256_digest(bytes);
+            self.put_manifest(&digest, bytes, media_type).await
+        })
+    }
+
+    fn set_root<'a>(&'a self, desc: &'a Descriptor, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CoreError>> {
+        Box::pin(async move {
+            let media = desc.media_type().to_string();
+            match &self.r.reference {
+                Reference::Tag(t) => self.put_manifest(t, bytes, &media).await,
+                Reference::Digest(d) => {
+                    let got = desc.digest().to_string();
+                    if &got != d {
+                        return Err(CoreError::Image(format!(
+                            "the result has digest {got}, not {d}: push it to a tag instead of {}",
+                            self.r
+                        )));
+                    }
+                    self.put_manifest(d, bytes, &media).await
+                }
+            }
+        })
+    }
+
+    fn abort(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let pending = std::mem::take(&mut *self.uploads.lock().expect("uploads lock"));
+            for u in pending {
+                let _ = self.with_auth(self.client.delete(&u)).send().await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        let c = parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#)
+            .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.param("realm"), Some("https://auth.example/token"));
+        assert_eq!(c.param("service"), Some("registry.example"));
+        assert_eq!(c.param("scope"), Some("repository:a/b:pull,push"));
+        let c = parse_challenge(r#"Basic realm="test-realm""#).unwrap();
+        assert_eq!(
+            (c.scheme.as_str(), c.param("realm")),
+            ("basic", Some("test-realm"))
+        );
+        let c = parse_challenge("Bearer realm=https://x/t, service=reg").unwrap();
+        assert_eq!(c.param("service"), Some("reg"));
+        assert!(parse_challenge("").is_none());
+    }
+}

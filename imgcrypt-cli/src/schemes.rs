@@ -1,0 +1,120 @@
+//! Turns recipient and key specs into the core's key wrappers and unwrappers (JWE, key
+//! providers). No cryptography here: the schemes live in `ocicrypt-core`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ocicrypt_core::jwe::{JweUnwrapper, JweWrapper};
+use ocicrypt_core::keyprovider::{KeyProviderConfig, ProviderError};
+use ocicrypt_core::keys::{read_key_dir_lenient, PrivateKey, PublicKey};
+use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper};
+
+use crate::config::Keys;
+use crate::error::{CliError, ErrorKind, KeyContext};
+use crate::keyspec::{KeySpec, RecipientSpec};
+
+fn provider_error(e: ProviderError) -> CliError {
+    let kind = match e {
+        ProviderError::UnknownProvider { .. } | ProviderError::Unsupported { .. } => ErrorKind::UnknownScheme,
+        _ => ErrorKind::Failure,
+    };
+    CliError::new(kind, e.to_string())
+        .hint("configure the provider in the JSON file named by OCICRYPT_KEYPROVIDER_CONFIG ({\"key-providers\": {\"NAME\": {\"cmd\": {\"path\": …}}}})")
+}
+
+fn provider_config(spec: &str) -> Result<KeyProviderConfig, CliError> {
+    match KeyProviderConfig::from_env() {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(CliError::new(
+            ErrorKind::UnknownScheme,
+            format!("{spec}: OCICRYPT_KEYPROVIDER_CONFIG is not set, so no key provider is known"),
+        )
+        .hint("point OCICRYPT_KEYPROVIDER_CONFIG at a key-provider config file ({\"key-providers\": {\"NAME\": {\"cmd\": {\"path\": …}}}})")),
+        Err(e) => Err(provider_error(e)),
+    }
+}
+
+/// The wrappers for a set of recipients: every `jwe:` public key goes into one JWE (as skopeo
+/// does), every provider gets its own wrapper.
+///
+/// # Errors
+/// [`ErrorKind::KeyFile`] for an unreadable or unusable public key, provider errors.
+pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrapper>>, CliError> {
+    let mut jwe_keys = Vec::new();
+    let mut out: Vec<Arc<dyn AsyncKeyWrapper>> = Vec::new();
+    for r in recipients {
+        match r {
+            RecipientSpec::Jwe(path) => {
+                let k = PublicKey::from_file(path).map_err(|e| {
+                    let mut c = CliError::from(e);
+                    c.message = format!("recipient jwe:{}: {}", path.display(), c.message);
+                    c
+                })?;
+                jwe_keys.push(k);
+            }
+            RecipientSpec::Provider { name, param } => {
+                let spec = format!("provider:{name}");
+                let cfg = provider_config(&spec)?;
+                let p = param.clone().unwrap_or_else(|| "Enabled".to_owned()).into_bytes();
+                let w = cfg.wrapper(name, vec![p]).map_err(provider_error)?;
+                out.push(Arc::new(w));
+            }
+        }
+    }
+    if !jwe_keys.is_empty() {
+        let w = JweWrapper::new(jwe_keys).map_err(|e| {
+            CliError::new(
+                ErrorKind::KeyFile,
+                format!("cannot encrypt for these recipients: {e}"),
+            )
+        })?;
+        out.insert(0, Arc::new(w));
+    }
+    Ok(out)
+}
+
+/// The unwrappers for `--key` and `--key-dir`, and the names of the keys for messages.
+///
+/// # Errors
+/// [`ErrorKind::KeyFile`] for unreadable or unusable keys, provider errors.
+pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyContext), CliError> {
+    let mut private: Vec<PrivateKey> = Vec::new();
+    let mut ctx = KeyContext::default();
+    let mut out: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
+    for k in keys.keys {
+        ctx.key_sources.push(k.describe());
+        match k {
+            KeySpec::File { path, password } => {
+                let key = PrivateKey::from_file(&path, password.as_deref().map(|p| &p[..]))?;
+                private.push(key);
+            }
+            KeySpec::Provider { name, param } => {
+                let cfg = provider_config(&format!("provider:{name}"))?;
+                let mut u = cfg.unwrapper(&name).map_err(provider_error)?;
+                if let Some(p) = param {
+                    u = u.with_parameters(BTreeMap::from([(name.clone(), vec![p.into_bytes()])]));
+                }
+                out.push(Arc::new(u));
+            }
+        }
+    }
+    for dir in keys.dirs {
+        let d = read_key_dir_lenient(&dir).map_err(|e| {
+            let mut c = CliError::from(e);
+            c.message = format!("--key-dir {}: {}", dir.display(), c.message);
+            c
+        })?;
+        if d.keys.is_empty() {
+            ctx.key_sources
+                .push(format!("{} (no usable private key in it)", dir.display()));
+        }
+        for e in d.keys {
+            ctx.key_sources.push(e.path.display().to_string());
+            private.push(e.key);
+        }
+    }
+    if !private.is_empty() {
+        out.insert(0, Arc::new(JweUnwrapper::new(private)));
+    }
+    Ok((out, ctx))
+}
