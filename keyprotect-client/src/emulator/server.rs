@@ -185,7 +185,7 @@ fn pct_decode(s: &str) -> String {
 fn query_param(q: Option<&str>, name: &str) -> Option<String> {
     q?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then(|| pct_decode(&v.replace('+', " ")))
+        (k == name && !v.is_empty()).then(|| pct_decode(&v.replace('+', " ")))
     })
 }
 
