@@ -107,8 +107,8 @@ pub fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ocicrypt-core/tests/data/vectors")
 }
 
-/// Layer blobs (bytes) of every manifest of `tag`, in order.
-pub fn layer_blobs(layout: &Path, tag: &str) -> Vec<Vec<u8>> {
+/// sha256 of the layer blobs (as read from disk) of every manifest of `tag`, in order.
+pub fn layer_blobs(layout: &Path, tag: &str) -> Vec<String> {
     testkit::image::manifests(layout, tag)
         .into_iter()
         .flat_map(|(_, m)| {
@@ -116,7 +116,12 @@ pub fn layer_blobs(layout: &Path, tag: &str) -> Vec<Vec<u8>> {
                 .as_array()
                 .expect("layers")
                 .iter()
-                .map(|l| testkit::image::read_blob(layout, l["digest"].as_str().expect("digest")))
+                .map(|l| {
+                    testkit::image::sha256(&testkit::image::read_blob(
+                        layout,
+                        l["digest"].as_str().expect("digest"),
+                    ))
+                })
                 .collect::<Vec<_>>()
         })
         .collect()
