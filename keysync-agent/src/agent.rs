@@ -1,0 +1,612 @@
+//! The agent: watches the namespace's Secrets and keeps the target directories in sync.
+//!
+//! One task owns all state. It applies watch events to an in-memory copy of the namespace's
+//! Secrets (a relist replaces the copy whole, so deletes the watch missed are noticed), and after
+//! every change it plans the whole desired state ([`crate::secrets::plan`]) and applies it to every
+//! target directory ([`crate::keydir::KeyDir::apply`]). Nothing is written or deleted before the
+//! first complete list, and nothing is deleted on shutdown. The watch is restarted (a full relist)
+//! every resync interval, which also repairs drift on disk without calling Key Protect again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
+use kube::Api;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::events::EventSink;
+use crate::keydir::{ApplyReport, KeyDir, KeyDirError};
+use crate::kms::{self, KmsConfig, KmsOptions, UnwrapDone};
+use crate::metrics::{Health, Metrics};
+use crate::secrets::{
+    plan, Problem, ProblemReason, SecretKind, SecretRecord, UnwrapState, ValidationCache, CONFIG_SECRET,
+};
+
+/// Secret types excluded on the server side by default (never keys, and numerous on OpenShift).
+pub const DEFAULT_FIELD_SELECTOR: &str = "type!=kubernetes.io/service-account-token,\
+type!=kubernetes.io/dockercfg,type!=kubernetes.io/dockerconfigjson,type!=kubernetes.io/tls,\
+type!=kubernetes.io/basic-auth,type!=kubernetes.io/ssh-auth,type!=bootstrap.kubernetes.io/token,\
+type!=helm.sh/release.v1";
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Namespace watched.
+    pub namespace: String,
+    /// Directories written (each gets the same files).
+    pub target_dirs: Vec<PathBuf>,
+    /// Take over target directories that hold files but no ownership marker.
+    pub adopt_target_dirs: bool,
+    /// Full relist (and disk repair) period.
+    pub resync_interval: Duration,
+    /// `/healthz` fails when the watch made no progress for this long.
+    pub stall_timeout: Duration,
+    /// Server-side timeout of each watch request (kube-runtime's default is 290 s).
+    pub watch_timeout: Duration,
+    /// Field selector of the list/watch (`None`: every Secret).
+    pub field_selector: Option<String>,
+    /// Key Protect settings.
+    pub kms: KmsOptions,
+    /// Post Kubernetes Events about problems.
+    pub events: bool,
+    /// The Events' `reportingInstance` (the node name).
+    pub instance: String,
+    /// Sync once and return instead of watching.
+    pub once: bool,
+    /// In `once` mode: attempts per unwrap before giving up on a transient failure.
+    pub once_max_attempts: u32,
+}
+
+impl AgentOptions {
+    /// Defaults for a namespace and target directories.
+    pub fn new(namespace: impl Into<String>, target_dirs: Vec<PathBuf>) -> Self {
+        AgentOptions {
+            namespace: namespace.into(),
+            target_dirs,
+            adopt_target_dirs: false,
+            resync_interval: Duration::from_secs(600),
+            stall_timeout: Duration::from_secs(1800),
+            watch_timeout: Duration::from_secs(290),
+            field_selector: Some(DEFAULT_FIELD_SELECTOR.to_string()),
+            kms: KmsOptions::default(),
+            events: true,
+            instance: "keysync-agent".into(),
+            once: false,
+            once_max_attempts: 3,
+        }
+    }
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A target directory is unusable.
+    #[error(transparent)]
+    KeyDir(#[from] KeyDirError),
+    /// The options are inconsistent.
+    #[error("invalid options: {0}")]
+    Options(String),
+    /// A background task panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a run ended with.
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    /// Problems at the end (Secrets or entries not synced).
+    pub problems: Vec<Problem>,
+    /// Key files present in the first target directory.
+    pub files: usize,
+    /// File operations that failed in the last pass.
+    pub write_failures: usize,
+    /// Whether a complete list of the Secrets was ever received.
+    pub synced: bool,
+}
+
+/// A configured agent.
+pub struct Agent {
+    opts: AgentOptions,
+    client: kube::Client,
+    dirs: Arc<Vec<KeyDir>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Removes the agent's subtree from every target directory (the `--cleanup` mode). Directories
+/// not owned by the agent are refused and left alone.
+pub fn cleanup(target_dirs: &[PathBuf]) -> Result<usize, AgentError> {
+    let mut n = 0;
+    for d in target_dirs {
+        let removed = KeyDir::cleanup(d)?;
+        tracing::info!(target_dir = %d.display(), secrets_removed = removed, "cleaned up");
+        n += removed;
+    }
+    Ok(n)
+}
+
+fn check_dirs(dirs: &[PathBuf]) -> Result<(), AgentError> {
+    if dirs.is_empty() {
+        return Err(AgentError::Options("at least one --target-dir is needed".into()));
+    }
+    for (i, a) in dirs.iter().enumerate() {
+        if !a.is_absolute() {
+            return Err(AgentError::Options(format!(
+                "--target-dir {} must be an absolute path",
+                a.display()
+            )));
+        }
+        for b in dirs.iter().skip(i + 1) {
+            if a.starts_with(b) || b.starts_with(a) {
+                return Err(AgentError::Options(format!(
+                    "--target-dir {} and {} overlap; give separate directories",
+                    a.display(),
+                    b.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Opens (and claims) the target directories.
+    pub fn new(opts: AgentOptions, client: kube::Client) -> Result<Self, AgentError> {
+        check_dirs(&opts.target_dirs)?;
+        if opts.kms.concurrency == 0 {
+            return Err(AgentError::Options(
+                "the Key Protect concurrency must be at least 1".into(),
+            ));
+        }
+        let dirs = opts
+            .target_dirs
+            .iter()
+            .map(|d| KeyDir::open(d, opts.adopt_target_dirs))
+            .collect::<Result<Vec<_>, _>>()?;
+        let health = Arc::new(Health::new(opts.stall_timeout));
+        Ok(Agent {
+            opts,
+            client,
+            dirs: Arc::new(dirs),
+            metrics: Arc::new(Metrics::default()),
+            health,
+        })
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The agent's health state.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Runs until `shutdown` completes (or, with `once`, until the first sync is complete).
+    /// Files are never removed because of shutdown.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, AgentError> {
+        let events = self.opts.events.then(|| {
+            EventSink::new(
+                self.client.clone(),
+                &self.opts.namespace,
+                &self.opts.instance,
+                self.metrics.clone(),
+            )
+        });
+        let runner = Runner {
+            permits: Arc::new(Semaphore::new(self.opts.kms.concurrency)),
+            kms: KmsConfig::load(None, &self.opts.kms),
+            opts: self.opts,
+            client: self.client,
+            dirs: self.dirs,
+            metrics: self.metrics,
+            health: self.health,
+            secrets: BTreeMap::new(),
+            init_buf: None,
+            initialized: false,
+            reconciled: false,
+            unwraps: HashMap::new(),
+            attempts: HashMap::new(),
+            validation: ValidationCache::default(),
+            tasks: JoinSet::new(),
+            reported: BTreeSet::new(),
+            events,
+            summary: RunSummary::default(),
+        };
+        runner.run(shutdown).await
+    }
+}
+
+struct Runner {
+    opts: AgentOptions,
+    client: kube::Client,
+    dirs: Arc<Vec<KeyDir>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    secrets: BTreeMap<String, SecretRecord>,
+    init_buf: Option<BTreeMap<String, SecretRecord>>,
+    initialized: bool,
+    reconciled: bool,
+    kms: KmsConfig,
+    unwraps: HashMap<String, UnwrapState>,
+    attempts: HashMap<String, u32>,
+    validation: ValidationCache,
+    tasks: JoinSet<UnwrapDone>,
+    permits: Arc<Semaphore>,
+    reported: BTreeSet<(Problem, Option<String>)>,
+    events: Option<EventSink>,
+    summary: RunSummary,
+}
+
+type WatchStream = BoxStream<'static, Result<watcher::Event<Secret>, watcher::Error>>;
+
+impl Runner {
+    fn watch_stream(&self) -> WatchStream {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.opts.namespace);
+        let secs = u32::try_from(self.opts.watch_timeout.as_secs())
+            .unwrap_or(290)
+            .clamp(1, 295);
+        let mut cfg = watcher::Config::default().timeout(secs);
+        if let Some(fs) = self.opts.field_selector.as_deref().filter(|f| !f.is_empty()) {
+            cfg = cfg.fields(fs);
+        }
+        watcher(api, cfg).default_backoff().boxed()
+    }
+
+    async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, AgentError> {
+        tracing::info!(
+            namespace = %self.opts.namespace,
+            target_dirs = ?self.opts.target_dirs,
+            once = self.opts.once,
+            "keysync-agent starting"
+        );
+        let mut stream = self.watch_stream();
+        let resync_every = self.opts.resync_interval.max(Duration::from_millis(100));
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + resync_every, resync_every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = shutdown.fuse();
+        tokio::pin!(shutdown);
+        let mut dirty = false;
+        loop {
+            let next_retry = self.next_retry();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutting down; files stay in place");
+                    break;
+                }
+                ev = stream.next() => match ev {
+                    Some(Ok(ev)) => dirty |= self.on_event(ev),
+                    Some(Err(e)) => {
+                        self.metrics.add(&self.metrics.watch_errors, 1);
+                        tracing::warn!(error = %e, "Secret watch error (retrying with backoff)");
+                    }
+                    None => stream = self.watch_stream(),
+                },
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok(done) => dirty |= self.on_unwrap(done),
+                        Err(e) => return Err(AgentError::Internal(format!("unwrap task: {e}"))),
+                    }
+                }
+                () = sleep_until_opt(next_retry), if next_retry.is_some() => dirty = true,
+                _ = resync.tick() => {
+                    tracing::debug!("periodic resync: relisting");
+                    stream = self.watch_stream();
+                }
+            }
+            // Apply every event that is already there before reconciling once.
+            while let Some(Some(item)) = stream.next().now_or_never() {
+                match item {
+                    Ok(ev) => dirty |= self.on_event(ev),
+                    Err(e) => {
+                        self.metrics.add(&self.metrics.watch_errors, 1);
+                        tracing::warn!(error = %e, "Secret watch error (retrying with backoff)");
+                        break;
+                    }
+                }
+            }
+            if dirty && self.initialized {
+                self.reconcile().await?;
+                dirty = false;
+            }
+            if self.reconciled && self.tasks.is_empty() && !self.health.is_ready() {
+                self.health.set_ready();
+                tracing::info!(secrets = self.secrets.len(), "first sync complete");
+            }
+            if self.opts.once && self.settled() {
+                break;
+            }
+        }
+        self.tasks.abort_all();
+        if let Some(ev) = self.events.as_mut() {
+            ev.flush(Duration::from_secs(3)).await;
+        }
+        self.summary.synced = self.initialized;
+        Ok(self.summary)
+    }
+
+    /// In `once` mode: everything attempted and nothing left to retry soon.
+    fn settled(&self) -> bool {
+        self.reconciled
+            && self.tasks.is_empty()
+            && !self.unwraps.iter().any(|(k, s)| {
+                matches!(s, UnwrapState::Failed { transient: true, .. })
+                    && self.attempts.get(k).copied().unwrap_or(0) < self.opts.once_max_attempts
+            })
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.unwraps
+            .values()
+            .filter_map(|s| match s {
+                UnwrapState::Failed { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn on_event(&mut self, ev: watcher::Event<Secret>) -> bool {
+        self.health.progress();
+        let record = |s: Secret| {
+            let mut rec = SecretRecord::from_secret(s);
+            if rec.kind() == SecretKind::Ignored {
+                rec.data.clear();
+            }
+            rec
+        };
+        match ev {
+            watcher::Event::Init => {
+                self.init_buf = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(s) => {
+                self.metrics.add(&self.metrics.secrets_seen, 1);
+                let rec = record(s);
+                match self.init_buf.as_mut() {
+                    Some(buf) => {
+                        buf.insert(rec.name.clone(), rec);
+                    }
+                    None => {
+                        self.secrets.insert(rec.name.clone(), rec);
+                    }
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(buf) = self.init_buf.take() {
+                    self.secrets = buf;
+                }
+                self.metrics.add(&self.metrics.relists, 1);
+                if !self.initialized {
+                    tracing::info!(secrets = self.secrets.len(), "initial list complete");
+                }
+                self.initialized = true;
+                true
+            }
+            watcher::Event::Apply(s) => {
+                self.metrics.add(&self.metrics.secrets_seen, 1);
+                let rec = record(s);
+                tracing::debug!(secret = %rec.name, kind = rec.kind().label(), "Secret changed");
+                self.secrets.insert(rec.name.clone(), rec);
+                true
+            }
+            watcher::Event::Delete(s) => {
+                let name = s.metadata.name.unwrap_or_default();
+                tracing::debug!(secret = %name, "Secret deleted");
+                self.secrets.remove(&name).is_some()
+            }
+        }
+    }
+
+    fn on_unwrap(&mut self, done: UnwrapDone) -> bool {
+        let UnwrapDone {
+            request,
+            outcome,
+            status_label,
+            rewrap_recommended,
+        } = done;
+        self.metrics.unwrap_call(&status_label, outcome.is_err());
+        match outcome {
+            Ok(bytes) => {
+                tracing::info!(secret = %request.secret, file = %request.file, "unwrapped with Key Protect");
+                if rewrap_recommended {
+                    tracing::warn!(
+                        secret = %request.secret,
+                        root_key_id = %request.root_key_id,
+                        "the root key was rotated since this ciphertext was made; rewrap it \
+                         (ibmcloud kp key rewrap) and update the Secret"
+                    );
+                }
+                self.attempts.remove(&request.key);
+                self.unwraps.insert(request.key, UnwrapState::Done(bytes));
+            }
+            Err(failure) => {
+                let attempts = {
+                    let a = self.attempts.entry(request.key.clone()).or_default();
+                    *a += 1;
+                    *a
+                };
+                let mut delay = self.opts.kms.backoff(attempts, failure.transient);
+                if self.opts.once && attempts >= self.opts.once_max_attempts {
+                    delay = Duration::from_secs(86_400 * 365);
+                }
+                tracing::warn!(
+                    secret = %request.secret,
+                    file = %request.file,
+                    status = %status_label,
+                    transient = failure.transient,
+                    attempts,
+                    retry_in_s = delay.as_secs_f64(),
+                    error = %failure.message,
+                    "Key Protect unwrap failed; the installed key (if any) stays"
+                );
+                self.unwraps.insert(
+                    request.key,
+                    UnwrapState::Failed {
+                        message: failure.message,
+                        transient: failure.transient,
+                        attempts,
+                        retry_at: Instant::now() + delay,
+                    },
+                );
+            }
+        }
+        true
+    }
+
+    async fn reconcile(&mut self) -> Result<(), AgentError> {
+        let cfg_rec = self.secrets.get(CONFIG_SECRET);
+        let cfg_version = cfg_rec.map(|r| r.resource_version.clone());
+        let loaded_version = match self.kms.status {
+            crate::secrets::ConfigStatus::Missing => None,
+            _ => Some(self.kms.source_version.clone()),
+        };
+        if cfg_version != loaded_version {
+            self.kms = KmsConfig::load(cfg_rec, &self.opts.kms);
+            match &self.kms.status {
+                crate::secrets::ConfigStatus::Valid { .. } => tracing::info!("Key Protect config loaded"),
+                crate::secrets::ConfigStatus::Missing => tracing::info!("no Key Protect config Secret"),
+                crate::secrets::ConfigStatus::Invalid(m) => {
+                    tracing::warn!(error = %m, "Key Protect config invalid")
+                }
+            }
+        }
+        let now = Instant::now();
+        let plan = plan(
+            &self.secrets,
+            &self.kms.status,
+            &self.unwraps,
+            &mut self.validation,
+            now,
+        );
+        self.validation.retain_recent(4096);
+        if let Some(client) = self.kms.client.clone() {
+            for req in &plan.unwraps {
+                let retry = matches!(self.unwraps.get(&req.key), Some(UnwrapState::Failed { .. }));
+                let delay = if retry || self.opts.kms.jitter.is_zero() {
+                    Duration::ZERO
+                } else {
+                    self.opts.kms.jitter.mul_f64(rand::random::<f64>())
+                };
+                tracing::debug!(secret = %req.secret, file = %req.file, delay_ms = delay.as_millis() as u64, "unwrap scheduled");
+                self.unwraps.insert(req.key.clone(), UnwrapState::InFlight);
+                self.tasks.spawn(kms::unwrap(
+                    client.clone(),
+                    req.clone(),
+                    delay,
+                    self.permits.clone(),
+                ));
+            }
+        }
+        let live: HashSet<&String> = plan.live_unwraps.iter().collect();
+        self.unwraps
+            .retain(|k, s| matches!(s, UnwrapState::InFlight) || live.contains(k));
+        self.attempts.retain(|k, _| live.contains(k));
+
+        let desired = plan.desired;
+        let dirs = self.dirs.clone();
+        let reports: Vec<(PathBuf, ApplyReport)> = tokio::task::spawn_blocking(move || {
+            dirs.iter()
+                .map(|d| (d.path().to_path_buf(), d.apply(&desired)))
+                .collect()
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("writer task: {e}")))?;
+
+        let mut problems = plan.problems;
+        let mut failures = 0;
+        for (i, (dir, r)) in reports.iter().enumerate() {
+            for f in &r.written {
+                tracing::info!(target_dir = %dir.display(), file = %f, "key file written");
+            }
+            for f in &r.removed {
+                tracing::info!(target_dir = %dir.display(), entry = %f, "removed");
+            }
+            for f in &r.foreign_removed {
+                tracing::warn!(
+                    target_dir = %dir.display(),
+                    entry = %f,
+                    "removed a symlink or other non-regular entry from the agent's directory (never followed)"
+                );
+            }
+            for (f, e) in &r.failures {
+                tracing::error!(target_dir = %dir.display(), entry = %f, error = %e, "file operation failed");
+                let secret = f.split('/').next().unwrap_or_default().to_string();
+                problems.push(Problem {
+                    secret,
+                    entry: f.split_once('/').map(|(_, e)| e.to_string()),
+                    reason: ProblemReason::WriteFailed,
+                    message: format!("{}: {f}: {e}", dir.display()),
+                });
+            }
+            let m = &self.metrics;
+            m.add(&m.files_written, r.written.len() as u64);
+            m.add(&m.files_removed, r.removed.len() as u64);
+            m.add(&m.foreign_removed, r.foreign_removed.len() as u64);
+            m.add(&m.write_errors, r.failures.len() as u64);
+            failures += r.failures.len();
+            if i == 0 {
+                m.managed_files.store(r.files as u64, Ordering::Relaxed);
+                self.summary.files = r.files;
+            }
+        }
+        self.metrics.add(&self.metrics.reconciles, 1);
+        if failures == 0 {
+            self.metrics.synced_now();
+        }
+        self.summary.write_failures = failures;
+        self.metrics
+            .set_secrets(plan.kinds.iter().map(|(k, n)| (k.label().to_string(), *n as u64)));
+        let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+        for p in &problems {
+            *by_reason.entry(p.reason.as_str().to_string()).or_default() += 1;
+        }
+        self.metrics.set_problems(by_reason);
+        self.report(&problems);
+        self.summary.problems = problems;
+        self.reconciled = true;
+        Ok(())
+    }
+
+    /// Logs and posts Events for problems not reported before for this Secret version.
+    fn report(&mut self, problems: &[Problem]) {
+        let mut current = BTreeSet::new();
+        for p in problems {
+            let rec = self.secrets.get(&p.secret);
+            let key = (p.clone(), rec.and_then(|r| r.resource_version.clone()));
+            if !self.reported.contains(&key) {
+                tracing::warn!(
+                    secret = %p.secret,
+                    entry = p.entry.as_deref().unwrap_or(""),
+                    reason = p.reason.as_str(),
+                    error = %p.message,
+                    "not synced"
+                );
+                if let Some(ev) = self.events.as_mut() {
+                    ev.warn(p, rec);
+                }
+            }
+            current.insert(key);
+        }
+        self.reported = current;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => futures::future::pending().await,
+    }
+}

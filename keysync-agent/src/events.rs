@@ -1,0 +1,119 @@
+//! Kubernetes Events on Secrets the agent cannot sync (`events.k8s.io/v1`, `create` only: each
+//! problem is reported once per Secret version, so no `patch` permission is needed).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::PostParams;
+use kube::Api;
+
+use crate::metrics::Metrics;
+use crate::secrets::{Problem, SecretRecord};
+
+/// `reportingController` of the agent's Events.
+pub const REPORTING_CONTROLLER: &str = "imgcrypt.io/keysync-agent";
+/// Longest Event note the API server accepts.
+const MAX_NOTE: usize = 1024;
+/// Events posted concurrently at most; more are dropped (and counted).
+const MAX_IN_FLIGHT: usize = 16;
+
+/// Posts Events in the background.
+pub struct EventSink {
+    api: Api<Event>,
+    namespace: String,
+    instance: String,
+    metrics: Arc<Metrics>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl EventSink {
+    /// Events go to `namespace`; `instance` is the node name (or pod name).
+    pub fn new(client: kube::Client, namespace: &str, instance: &str, metrics: Arc<Metrics>) -> Self {
+        EventSink {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            instance: instance.to_string(),
+            metrics,
+            tasks: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Posts a Warning Event about `problem` on its Secret.
+    pub fn warn(&mut self, problem: &Problem, rec: Option<&SecretRecord>) {
+        while self.tasks.try_join_next().is_some() {}
+        if self.tasks.len() >= MAX_IN_FLIGHT {
+            self.metrics.event_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let ev = self.build(problem, rec);
+        let api = self.api.clone();
+        let metrics = self.metrics.clone();
+        let secret = problem.secret.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                metrics.event_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(secret, error = %e, "could not post a Kubernetes Event");
+            }
+        });
+    }
+
+    fn build(&self, problem: &Problem, rec: Option<&SecretRecord>) -> Event {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let time = k8s_openapi::chrono::DateTime::from_timestamp(
+            i64::try_from(now.as_secs()).unwrap_or(0),
+            now.subsec_micros() * 1000,
+        )
+        .unwrap_or_default();
+        let mut note = problem.message.clone();
+        if note.len() > MAX_NOTE {
+            let mut cut = MAX_NOTE - 3;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
+        // Secret names are DNS subdomains, so the generated name is one too (when the Secret's
+        // name is not, the API server refuses the Event; that is counted).
+        let base: String = problem.secret.chars().take(200).collect();
+        Event {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{base}.{:x}{:08x}",
+                    now.as_nanos(),
+                    rand::random::<u32>()
+                )),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            action: Some("Sync".into()),
+            reason: Some(problem.reason.as_str().into()),
+            note: Some(note),
+            type_: Some("Warning".into()),
+            event_time: Some(MicroTime(time)),
+            reporting_controller: Some(REPORTING_CONTROLLER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            regarding: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Secret".into()),
+                name: Some(problem.secret.clone()),
+                namespace: Some(self.namespace.clone()),
+                uid: rec.and_then(|r| r.uid.clone()),
+                resource_version: rec.and_then(|r| r.resource_version.clone()),
+                field_path: problem.entry.as_ref().map(|e| format!("data[{e}]")),
+            }),
+            ..Event::default()
+        }
+    }
+
+    /// Waits (bounded) for Events still being posted.
+    pub async fn flush(&mut self, timeout: std::time::Duration) {
+        let _ =
+            tokio::time::timeout(timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
+    }
+}

@@ -1,0 +1,85 @@
+//! Which key files may be written: only private keys that the runtimes' loader (Go
+//! `ocicrypt/utils.SortDecryptionKeys`, used by CRI-O and containerd's `ctd-decoder`) accepts.
+//!
+//! One bad file in CRI-O's key directory makes every image pull on the node fail, so anything the
+//! loader would refuse (public keys, encrypted keys, SEC1 `EC PRIVATE KEY` PEM, text, truncated
+//! PEM) is rejected here and never written. Certificates and GPG keyrings, which the loader
+//! tolerates, are rejected too: the agent installs decryption keys only.
+
+use ocicrypt_core::keys::{classify_key_file, KeyFileKind};
+
+/// Largest key file accepted (an RSA-16384 PKCS#8 PEM is about 13 KiB).
+pub const MAX_KEY_SIZE: usize = 64 * 1024;
+
+/// Why a key file was rejected. Messages never contain key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Larger than [`MAX_KEY_SIZE`].
+    #[error("{size} bytes, more than the {MAX_KEY_SIZE}-byte limit for a key file")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+    },
+    /// Empty.
+    #[error("empty")]
+    Empty,
+    /// A password-protected private key: the runtime has no password and fails on it.
+    #[error(
+        "an encrypted private key: the container runtime cannot use it and would fail every pull; \
+         store it unencrypted (openssl pkey -in key.pem -out plain.pem)"
+    )]
+    Encrypted,
+    /// A private key in an encoding the runtime ignores or refuses (SEC1 `EC PRIVATE KEY` PEM).
+    #[error(
+        "{found}, which the container runtime cannot read; convert it to PKCS#8 \
+         (openssl pkcs8 -topk8 -nocrypt -in key.pem -out key.p8.pem)"
+    )]
+    UnreadableFormat {
+        /// What it is.
+        found: String,
+    },
+    /// Something the runtime accepts but that is not a private key (a certificate, a keyring).
+    #[error("{found}, not a private key: only private decryption keys are installed")]
+    NotPrivate {
+        /// What it is.
+        found: String,
+    },
+    /// Anything else.
+    #[error("not a private key the container runtime can use: {found}")]
+    NotAKey {
+        /// What was found.
+        found: String,
+    },
+}
+
+/// What was accepted, for logs (type, size and encoding; never key material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// E.g. `RSA-2048 private key (PKCS#8 PEM)`.
+    pub description: String,
+}
+
+/// Checks one key file's contents.
+pub fn validate_key(bytes: &[u8], source_name: &str) -> Result<Accepted, Rejection> {
+    if bytes.len() > MAX_KEY_SIZE {
+        return Err(Rejection::TooLarge { size: bytes.len() });
+    }
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Rejection::Empty);
+    }
+    let kind = classify_key_file(bytes, source_name);
+    match kind {
+        KeyFileKind::PrivateKey(ref k) if k.format().go_ocicrypt_reads() => Ok(Accepted {
+            description: kind.describe(),
+        }),
+        KeyFileKind::PrivateKey(_) => Err(Rejection::UnreadableFormat {
+            found: kind.describe(),
+        }),
+        KeyFileKind::EncryptedPrivateKey => Err(Rejection::Encrypted),
+        KeyFileKind::Unknown { found } => Err(Rejection::NotAKey { found }),
+        other => Err(Rejection::NotPrivate {
+            found: other.describe(),
+        }),
+    }
+}
