@@ -484,3 +484,58 @@ fn aes_key_wrap_matches_rfc3394() {
     bad[5] ^= 1;
     assert!(aes_kw_unwrap(&kek, &bad).is_none());
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn blobs() -> &'static [Vec<u8>] {
+        static B: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+        B.get_or_init(|| {
+            vec![
+                JweWrapper::new(vec![public("rsa-a")])
+                    .unwrap()
+                    .wrap_keys(OPTS)
+                    .unwrap(),
+                JweWrapper::new(vec![public("P-256")])
+                    .unwrap()
+                    .wrap_keys(OPTS)
+                    .unwrap(),
+                JweWrapper::new(vec![public("rsa-a"), public("P-256")])
+                    .unwrap()
+                    .with_content_alg(ContentAlg::A128CbcHs256)
+                    .wrap_keys(OPTS)
+                    .unwrap(),
+            ]
+        })
+    }
+
+    fn unwrapper() -> &'static JweUnwrapper {
+        static U: OnceLock<JweUnwrapper> = OnceLock::new();
+        U.get_or_init(|| JweUnwrapper::new(vec![private("rsa-a"), private("P-256")]))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// A damaged JWE (registry data is untrusted) never panics and never yields anything
+        /// but the original plaintext.
+        #[test]
+        fn damaged_jwe(which in 0usize..3, pos in any::<usize>(), byte in any::<u8>(), cut in any::<bool>()) {
+            let mut b = blobs()[which].clone();
+            let p = pos % b.len();
+            if cut { b.truncate(p) } else { b[p] = byte }
+            if let Ok(pt) = unwrapper().unwrap_key(&b) {
+                prop_assert_eq!(&pt[..], OPTS);
+            }
+            let _ = inspect(&b);
+        }
+
+        /// Arbitrary bytes never panic.
+        #[test]
+        fn arbitrary_blob(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            prop_assert!(unwrapper().unwrap_key(&bytes).is_err());
+        }
+    }
+}

@@ -827,3 +827,81 @@ fn key_dir_strict_and_lenient() {
     assert!(e.is_not_found());
     assert_eq!(read_key_dir(&d).unwrap().into_private_keys().len(), 2);
 }
+
+#[test]
+fn key_dir_fifo_and_oversized_files_do_not_hang_or_load() {
+    let v = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors/keys");
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    write(d, "rsa.pem", &std::fs::read(v.join("rsa.pem")).unwrap());
+    let st = Command::new("mkfifo").arg(d.join("pipe")).status().unwrap();
+    assert!(st.success());
+    // CRI-O would block reading a FIFO; we never open it.
+    let e = read_key_dir(d).unwrap_err();
+    assert!(
+        e.to_string().contains("pipe") && e.to_string().contains("not a regular file"),
+        "{e}"
+    );
+    let lenient = read_key_dir_lenient(d).unwrap();
+    assert_eq!(lenient.keys.len(), 1);
+    assert_eq!(lenient.skipped[0].reason, "not a regular file");
+    std::fs::remove_file(d.join("pipe")).unwrap();
+
+    write(
+        d,
+        "big.pem",
+        &vec![b'A'; usize::try_from(MAX_KEY_FILE_SIZE).unwrap() + 1],
+    );
+    let e = read_key_dir(d).unwrap_err();
+    assert!(
+        e.to_string().contains("big.pem") && e.to_string().contains("larger than"),
+        "{e}"
+    );
+    let e = PrivateKey::from_file(&d.join("big.pem"), None).unwrap_err();
+    assert!(e.to_string().contains("larger than"), "{e}");
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::super::*;
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let v = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors/keys");
+        [
+            "rsa.pem",
+            "rsa.enc.pem",
+            "ec.sec1.der",
+            "ec.sec1.pem",
+            "cert.pem",
+            "rsa.pub.pem",
+        ]
+        .iter()
+        .map(|f| std::fs::read(v.join(f)).unwrap())
+        .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Arbitrary bytes never panic any parser.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = PrivateKey::from_bytes(&bytes, None, "x");
+            let _ = PrivateKey::from_bytes(&bytes, Some(b"pw"), "x");
+            let _ = PublicKey::from_bytes(&bytes, "x");
+            let _ = classify_key_file(&bytes, "x");
+        }
+
+        /// Damaged real keys either still parse or give an error; never a panic.
+        #[test]
+        fn damaged_keys_never_panic(seed in 0usize..6, pos in any::<usize>(), byte in any::<u8>(), cut in any::<bool>()) {
+            let mut k = seeds()[seed].clone();
+            let p = pos % k.len();
+            if cut { k.truncate(p) } else { k[p] = byte }
+            let _ = PrivateKey::from_bytes(&k, Some(b"1234"), "x");
+            let _ = PublicKey::from_bytes(&k, "x");
+            let _ = classify_key_file(&k, "x");
+        }
+    }
+}
