@@ -25,6 +25,27 @@
 //! its quirks, trying every key on every recipient and keeping keys out of error messages are
 //! all easier to get exactly right this way. josekit serves as an independent implementation
 //! in the tests. The pure-Rust `rsa` crate is not used for decryption (RUSTSEC-2023-0071).
+//!
+//! ## Example
+//! ```
+//! use ocicrypt_core::jwe::{JweUnwrapper, JweWrapper};
+//! use ocicrypt_core::keys::{generate_ec, generate_rsa, PrivateKey, PublicKey};
+//! use ocicrypt_core::{KeyUnwrapper, KeyWrapper};
+//!
+//! let (rsa_private, rsa_public) = generate_rsa(2048)?;
+//! let (_, ec_public) = generate_ec("P-256")?;
+//! let recipients = vec![
+//!     PublicKey::from_bytes(rsa_public.as_bytes(), "alice.pub.pem")?,
+//!     PublicKey::from_bytes(ec_public.as_bytes(), "bob.pub.pem")?,
+//! ];
+//! let optsdata = br#"{"symkey":"...","digest":"sha256:...","cipheroptions":{}}"#;
+//! let blob = JweWrapper::new(recipients)?.wrap_keys(optsdata)?; // general JSON: two recipients
+//!
+//! let alice = PrivateKey::from_bytes(rsa_private.as_bytes(), None, "alice.pem")?;
+//! let back = JweUnwrapper::new(vec![alice]).unwrap_key(&blob)?;
+//! assert_eq!(&back[..], &optsdata[..]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::fmt;
 

@@ -32,6 +32,22 @@
 //! Key directories ([`read_key_dir`], [`classify_key_file`]) follow CRI-O's
 //! `decryption_keys_path` and containerd's `ctd-decoder --decryption-keys-path`, which hand
 //! every file to Go `ocicrypt/utils.SortDecryptionKeys`.
+//!
+//! ## Example
+//! ```
+//! use ocicrypt_core::keys::{generate_ec, KeyError, PrivateKey, PublicKey};
+//!
+//! let (private_pem, public_pem) = generate_ec("P-384")?;
+//! let key = PrivateKey::from_bytes(private_pem.as_bytes(), None, "key.pem")?;
+//! assert_eq!(key.describe(), "EC P-384");
+//! assert!(key.public_key().same_key(&PublicKey::from_bytes(public_pem.as_bytes(), "key.pub.pem")?));
+//!
+//! // A public key where a private one is needed: the error says what was found.
+//! let err = PrivateKey::from_bytes(public_pem.as_bytes(), None, "key.pub.pem").unwrap_err();
+//! assert!(matches!(err, KeyError::Unsupported { .. }));
+//! assert!(err.to_string().contains("key.pub.pem: not a usable key: found a public key"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::path::PathBuf;
 
