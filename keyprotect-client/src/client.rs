@@ -642,7 +642,8 @@ impl Client {
                         attempts,
                         started,
                         None,
-                        retryable_transport(op) && kind != TransportKind::Other,
+                        retryable_transport(op)
+                            && matches!(kind, TransportKind::Timeout | TransportKind::Connection),
                     ) {
                         Some(d) => {
                             tracing::warn!(%op, attempt = attempts, %correlation_id, "key protect {kind}; retrying");
@@ -702,20 +703,24 @@ impl Client {
     async fn token(&self) -> Result<SecretString, Error> {
         let mut g = self.inner.token.lock().await;
         let now = Instant::now();
-        if let Some(t) = g.as_ref() {
-            if now < t.refresh_at {
-                return Ok(t.value.clone());
-            }
-        }
-        match self.fetch_token().await {
+        let still_valid = match g.as_ref() {
+            Some(t) if now < t.refresh_at => return Ok(t.value.clone()),
+            Some(t) => now < t.expires_at,
+            None => false,
+        };
+        // A proactive refresh (the cached token is still valid) makes one attempt only, so a
+        // failing IAM never delays calls that can still use the old token.
+        match self.fetch_token(still_valid).await {
             Ok(t) => {
                 let v = t.value.clone();
                 *g = Some(t);
                 Ok(v)
             }
-            Err(e) => match g.as_ref() {
+            Err(e) => match g.as_mut() {
                 Some(t) if Instant::now() < t.expires_at => {
                     tracing::warn!("IAM token refresh failed, using the still valid token: {e}");
+                    let left = t.expires_at.saturating_duration_since(Instant::now());
+                    t.refresh_at = Instant::now() + (left / 2).min(Duration::from_secs(30));
                     Ok(t.value.clone())
                 }
                 _ => {
@@ -726,7 +731,7 @@ impl Client {
         }
     }
 
-    async fn fetch_token(&self) -> Result<CachedToken, Error> {
+    async fn fetch_token(&self, single_attempt: bool) -> Result<CachedToken, Error> {
         #[derive(Deserialize)]
         struct TokenResponse {
             access_token: SecretString,
@@ -806,7 +811,7 @@ impl Client {
                         request_id: parsed.and_then(|p| p.context).and_then(|c| c.request_id),
                         attempts,
                     };
-                    if !is_transient_status(status.as_u16()) {
+                    if !is_transient_status(status.as_u16()) || single_attempt {
                         return Err(err);
                     }
                     match self.backoff(attempts, started, retry_after, true) {
@@ -816,7 +821,9 @@ impl Client {
                 }
                 Err(e) => {
                     let kind = transport_kind(&e);
-                    match self.backoff(attempts, started, None, kind != TransportKind::Other) {
+                    let retryable =
+                        !single_attempt && matches!(kind, TransportKind::Timeout | TransportKind::Connection);
+                    match self.backoff(attempts, started, None, retryable) {
                         Some(d) => d,
                         None => {
                             return Err(Error::Transport {
@@ -886,6 +893,14 @@ pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
 }
 
 fn transport_kind(e: &reqwest::Error) -> TransportKind {
+    let mut src: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = src {
+        let t = s.to_string().to_ascii_lowercase();
+        if t.contains("certificate") || t.contains("invalid peer") || t.contains("handshake") {
+            return TransportKind::Tls;
+        }
+        src = s.source();
+    }
     if e.is_timeout() {
         TransportKind::Timeout
     } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {

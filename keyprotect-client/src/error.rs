@@ -162,6 +162,8 @@ pub enum TransportKind {
     Timeout,
     /// Connecting failed or the connection dropped.
     Connection,
+    /// TLS failed (an untrusted or invalid server certificate): not retried.
+    Tls,
     /// The request could not be built or sent for another reason.
     Other,
 }
@@ -171,6 +173,7 @@ impl fmt::Display for TransportKind {
         f.write_str(match self {
             Self::Timeout => "timeout",
             Self::Connection => "connection error",
+            Self::Tls => "TLS error (is the server certificate trusted? set KP_CA_BUNDLE for a private CA)",
             Self::Other => "request error",
         })
     }

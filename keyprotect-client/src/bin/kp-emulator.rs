@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use keyprotect_client::emulator::{Emulator, EmulatorConfig};
+use keyprotect_client::emulator::{Emulator, EmulatorConfig, TlsIdentity};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,12 @@ struct Args {
     /// Create a root key with this name at start (repeatable).
     #[arg(long)]
     root_key: Vec<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Write a config.json for this emulator (keyprotect-url, instance-id, apikey, iam-url), mode 0600.
     #[arg(long)]
     write_config: Option<PathBuf>,
@@ -42,6 +48,14 @@ async fn main() -> Result<()> {
         token_ttl: Duration::from_secs(a.token_ttl.max(1)),
         ..EmulatorConfig::default()
     };
+    if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
+        cfg.tls = Some(TlsIdentity {
+            cert_chain_pem: std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            key_pem: zeroize::Zeroizing::new(
+                std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+            ),
+        });
+    }
     if let Some(i) = a.instance_id {
         cfg.instance_id = i;
     }

@@ -138,6 +138,42 @@ pub struct EmulatorConfig {
     pub max_plaintext_b64: Option<usize>,
     /// Address to listen on (must be loopback); port 0 picks a free one.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this identity instead of plain HTTP.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A server certificate chain and key (PEM) for HTTPS.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_chain_pem: Vec<u8>,
+    /// The private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key_pem: Zeroizing<Vec<u8>>,
+}
+
+impl TlsIdentity {
+    fn acceptor(&self) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: &dyn fmt::Display| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("emulator TLS {what}: {e}"),
+            )
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("key", &e))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", &e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("identity", &e))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+    }
 }
 
 impl fmt::Debug for EmulatorConfig {
@@ -148,6 +184,7 @@ impl fmt::Debug for EmulatorConfig {
             .field("token_ttl", &self.token_ttl)
             .field("max_plaintext_b64", &self.max_plaintext_b64)
             .field("listen", &self.listen)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -162,6 +199,7 @@ impl Default for EmulatorConfig {
             token_ttl: Duration::from_secs(3600),
             max_plaintext_b64: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
         }
     }
 }
@@ -255,13 +293,11 @@ impl Emulator {
                 ),
             ));
         }
+        let tls = config.tls.as_ref().map(TlsIdentity::acceptor).transpose()?;
         let listener = TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let base_url = match addr {
-            SocketAddr::V4(a) => format!("http://{a}"),
-            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
-        };
+        let base_url = base_url_for(addr, tls.is_some());
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 keys: HashMap::new(),
@@ -284,7 +320,7 @@ impl Emulator {
             .spawn(move || {
                 rt.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => server::serve(l, s2, stop_rx).await,
+                        Ok(l) => server::serve(l, s2, tls, stop_rx).await,
                         Err(e) => tracing::error!("kp-emulator: cannot use the listener: {e}"),
                     }
                 });
@@ -316,6 +352,7 @@ impl Emulator {
                 ),
             ));
         }
+        let tls = config.tls.as_ref().map(TlsIdentity::acceptor).transpose()?;
         let l = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = l.local_addr()?;
         let shared = Arc::new(Shared {
@@ -330,10 +367,7 @@ impl Emulator {
             }),
             config,
         });
-        let base = match addr {
-            SocketAddr::V4(a) => format!("http://{a}"),
-            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
-        };
+        let base = base_url_for(addr, tls.is_some());
         let handle = EmulatorHandle {
             shared: shared.clone(),
         };
@@ -343,11 +377,12 @@ impl Emulator {
             stop.await;
             let _ = tx.send(());
         });
-        server::serve(l, shared, rx).await;
+        server::serve(l, shared, tls, rx).await;
         Ok(())
     }
 
-    /// `http://127.0.0.1:PORT` (no trailing slash); both the Key Protect and the IAM base URL.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS; no trailing slash); both the Key Protect
+    /// and the IAM base URL.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -573,6 +608,14 @@ impl EmulatorHandle {
         let mut s = self.shared.lock();
         s.counts.clear();
         s.log.clear();
+    }
+}
+
+fn base_url_for(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    match addr {
+        SocketAddr::V4(a) => format!("{scheme}://{a}"),
+        SocketAddr::V6(a) => format!("{scheme}://[{}]:{}", a.ip(), a.port()),
     }
 }
 

@@ -36,6 +36,7 @@ impl std::error::Error for DropConnection {}
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
@@ -46,14 +47,24 @@ pub(super) async fn serve(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let sh = shared.clone();
+                    let tls = tls.clone();
                     conns.spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
                             let sh = sh.clone();
                             async move { handle(sh, req).await }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        match tls {
+                            None => {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                            Some(acceptor) => {
+                                let accept = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                                if let Ok(Ok(s)) = accept.await {
+                                    let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                                }
+                            }
+                        }
                     });
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
