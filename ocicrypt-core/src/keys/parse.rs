@@ -224,6 +224,7 @@ impl PublicKey {
     /// [`KeyError::Unsupported`] saying what was found (e.g. a private key),
     /// [`KeyError::UnsupportedAlgorithm`], [`KeyError::Malformed`].
     pub fn from_bytes(bytes: &[u8], source_name: &str) -> Result<PublicKey, KeyError> {
+        let bytes = strip_bom(bytes);
         let (pkey, format, alg, kid) = if pem::contains_pem(bytes) {
             let (p, f) = public_from_pem(bytes, source_name)?;
             (p, f, None, None)
@@ -357,6 +358,7 @@ impl PrivateKey {
         password: Option<&[u8]>,
         source_name: &str,
     ) -> Result<PrivateKey, KeyError> {
+        let bytes = strip_bom(bytes);
         let (pkey, format, alg, kid) = if pem::contains_pem(bytes) {
             let (p, f) = private_from_pem(bytes, password, source_name)?;
             (p, f, None, None)
@@ -474,6 +476,11 @@ pub(crate) fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError>
         });
     }
     Ok(buf)
+}
+
+/// Drops a UTF-8 byte-order mark (editors on Windows add one to PEM and JWK files).
+fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
 
 pub(crate) fn looks_like_json(bytes: &[u8]) -> bool {

@@ -617,6 +617,29 @@ fn committed_vectors_parse() {
         let k = PrivateKey::from_file(&v.join(f), pw).unwrap();
         assert!(k.public_key().same_key(reference), "{f}");
     }
+    // A byte-order mark and CRLF line ends (a key edited on Windows).
+    let pem = std::fs::read_to_string(v.join("ec.p8.pem"))
+        .unwrap()
+        .replace('\n', "\r\n");
+    let k = PrivateKey::from_bytes(format!("\u{feff}{pem}").as_bytes(), None, "bom.pem").unwrap();
+    assert!(k.public_key().same_key(&ec));
+    let pem = std::fs::read_to_string(v.join("rsa.enc.pem"))
+        .unwrap()
+        .replace('\n', "\r\n");
+    let k = PrivateKey::from_bytes(format!("\u{feff}{pem}").as_bytes(), Some(b"1234"), "bom.pem").unwrap();
+    assert!(k.public_key().same_key(&rsa));
+    let pem = std::fs::read_to_string(v.join("rsa.pub.pem")).unwrap();
+    assert!(
+        PublicKey::from_bytes(format!("\u{feff}{pem}").as_bytes(), "bom.pem")
+            .unwrap()
+            .same_key(&rsa)
+    );
+    let jwk = josekit::jwk::alg::ec::EcKeyPair::from_pem(std::fs::read(v.join("ec.p8.pem")).unwrap(), None)
+        .unwrap()
+        .to_jwk_key_pair()
+        .to_string();
+    let k = PrivateKey::from_bytes(format!("\u{feff}{jwk}").as_bytes(), None, "bom.jwk").unwrap();
+    assert!(k.public_key().same_key(&ec));
     let cert = PublicKey::from_file(&v.join("cert.pem")).unwrap();
     let cert_key = PrivateKey::from_file(&v.join("cert.key.pem"), None).unwrap();
     assert!(cert.same_key(&cert_key.public_key()));
