@@ -107,6 +107,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Generate a key pair (private key PEM 0600, public key PEM).
     Keygen(KeygenArgs),
+    /// IBM Key Protect helpers for `kp-key` Secrets (wrap a private key, unwrap it back).
+    #[command(subcommand)]
+    Kp(KpCommand),
     /// Show the whole job on a built-in example: make keys and an image, encrypt, fail without
     /// the key, decrypt, compare.
     Demo(DemoArgs),
@@ -244,6 +247,34 @@ pub struct KeygenArgs {
     pub force: bool,
     /// The private key file to write.
     pub out: PathBuf,
+}
+
+/// `kp wrap|unwrap` (Key Protect from IMGCRYPT_KEYPROTECT_CONFIG or KP_URL, KP_INSTANCE_ID, KP_APIKEY).
+#[derive(Debug, Subcommand)]
+pub enum KpCommand {
+    /// Wrap a file (e.g. a private key PEM) with a root key; prints the ciphertext for a
+    /// `kp-key` Secret (`stringData: {rootkeyid: ID, ciphertext: …}`).
+    Wrap {
+        /// The root key id (or alias).
+        #[arg(long = "root-key", value_name = "ID")]
+        root_key: String,
+        /// The file to wrap (at most 64 KiB).
+        file: PathBuf,
+    },
+    /// Unwrap a `kp-key` ciphertext back to the original bytes.
+    Unwrap {
+        /// The root key id (or alias).
+        #[arg(long = "root-key", value_name = "ID")]
+        root_key: String,
+        /// Write the result to this file (mode 0600, atomically) instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Overwrite --out if it exists.
+        #[arg(long)]
+        force: bool,
+        /// The ciphertext (default: read from stdin).
+        ciphertext: Option<String>,
+    },
 }
 
 /// `demo`.

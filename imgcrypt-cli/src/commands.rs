@@ -62,6 +62,13 @@ pub async fn execute(cfg: Config, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             public,
             force,
         } => keygen(kind, &private, &public, force, ctx),
+        Config::KpWrap { root_key, file } => kp_wrap(&root_key, &file, ctx).await,
+        Config::KpUnwrap {
+            root_key,
+            out,
+            force,
+            ciphertext,
+        } => kp_unwrap(&root_key, out.as_deref(), force, ciphertext, ctx).await,
         Config::Demo { dir } => crate::demo::run(dir, ctx).await,
     }
 }
@@ -458,6 +465,71 @@ fn keygen(
             public.display(),
             public.display()
         ));
+    }
+    Ok(())
+}
+
+fn kp_error(e: &keyprotect_client::Error) -> CliError {
+    let kind = match e {
+        keyprotect_client::Error::InvalidInput(_) => ErrorKind::Usage,
+        keyprotect_client::Error::Iam { .. } => ErrorKind::RegistryAuth,
+        keyprotect_client::Error::Transport { .. } => ErrorKind::Network,
+        _ => ErrorKind::Failure,
+    };
+    CliError::new(kind, format!("Key Protect: {e}"))
+}
+
+async fn kp_wrap(root_key: &str, file: &Path, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    let client = schemes::keyprotect_client()?;
+    let ct = keyprotect_client::wrapper::wrap_file_for_secret(&client, root_key, file)
+        .await
+        .map_err(|e| kp_error(&e))?;
+    if ctx.output.json {
+        ctx.json(&json!({"rootkeyid": root_key, "ciphertext": ct}));
+    } else {
+        ctx.print(&ct);
+    }
+    Ok(())
+}
+
+async fn kp_unwrap(
+    root_key: &str,
+    out: Option<&Path>,
+    force: bool,
+    ciphertext: Option<String>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), CliError> {
+    let ct = match ciphertext {
+        Some(c) => c,
+        None => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| CliError::usage(format!("cannot read the ciphertext from stdin: {e}")))?;
+            s
+        }
+    };
+    let client = schemes::keyprotect_client()?;
+    let plain = keyprotect_client::wrapper::unwrap_for_secret(&client, root_key, &ct)
+        .await
+        .map_err(|e| kp_error(&e))?;
+    match out {
+        Some(path) => {
+            refuse_existing(path, force)?;
+            write_key_file(path, &plain, 0o600, force)?;
+            if !ctx.output.quiet {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "wrote {} ({} bytes, mode 0600)",
+                    path.display(),
+                    plain.len()
+                );
+            }
+        }
+        None => {
+            ctx.out
+                .write_all(&plain)
+                .map_err(|e| CliError::new(ErrorKind::Failure, format!("cannot write to stdout: {e}")))?;
+        }
     }
     Ok(())
 }

@@ -134,6 +134,24 @@ pub enum Config {
         /// Overwrite.
         force: bool,
     },
+    /// kp wrap.
+    KpWrap {
+        /// Root key.
+        root_key: String,
+        /// File to wrap.
+        file: PathBuf,
+    },
+    /// kp unwrap.
+    KpUnwrap {
+        /// Root key.
+        root_key: String,
+        /// Output file (stdout if none).
+        out: Option<PathBuf>,
+        /// Overwrite.
+        force: bool,
+        /// Ciphertext (stdin if none).
+        ciphertext: Option<String>,
+    },
     /// demo.
     Demo {
         /// Working directory.
@@ -367,10 +385,34 @@ impl Config {
                     force: a.force,
                 }
             }
+            Command::Kp(cli::KpCommand::Wrap { root_key, file }) => Config::KpWrap {
+                root_key: non_empty_root_key(root_key)?,
+                file: file.clone(),
+            },
+            Command::Kp(cli::KpCommand::Unwrap {
+                root_key,
+                out,
+                force,
+                ciphertext,
+            }) => Config::KpUnwrap {
+                root_key: non_empty_root_key(root_key)?,
+                out: out.clone(),
+                force: *force,
+                ciphertext: ciphertext.clone(),
+            },
             Command::Demo(a) => Config::Demo { dir: a.dir.clone() },
         };
         Ok((cfg, out))
     }
+}
+
+fn non_empty_root_key(k: &str) -> Result<String, CliError> {
+    if k.trim().is_empty() {
+        return Err(CliError::usage(
+            "--root-key must name a Key Protect root key id or alias",
+        ));
+    }
+    Ok(k.trim().to_owned())
 }
 
 /// `key.pem` → `key.pub.pem`; `key` → `key.pub`.

@@ -12,8 +12,8 @@
 
 use std::fmt;
 use std::io;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use oci_spec::image::Descriptor;
@@ -41,6 +41,8 @@ const MAX_SMALL: u64 = 32 << 20;
 const CHUNK: usize = 256 << 10;
 /// Chunks buffered between the producer and the HTTP body.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// A request that makes no progress for this long fails.
+const STALL: Duration = Duration::from_secs(120);
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
@@ -117,6 +119,9 @@ pub struct RegistryImage {
     r: RegistryRef,
     base: String,
     client: Client,
+    /// Without a read timeout: an upload's answer comes only after the whole body was sent;
+    /// stalls are detected by [`STALL`] instead.
+    upload_client: Client,
     creds: Option<Creds>,
     push: bool,
     auth: Mutex<Option<Zeroizing<String>>>,
@@ -244,16 +249,21 @@ impl RegistryImage {
     pub fn new(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, CliError> {
         let scheme = if opts.tls_verify { "https" } else { "http" };
         let base = format!("{scheme}://{}", r.api_host());
-        let client = Client::builder()
-            .user_agent(concat!("imgcrypt/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| CliError::new(ErrorKind::Failure, format!("cannot build the HTTP client: {e}")))?;
+        let builder = || {
+            Client::builder()
+                .user_agent(concat!("imgcrypt/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(15))
+        };
+        let err = |e: reqwest::Error| {
+            CliError::new(ErrorKind::Failure, format!("cannot build the HTTP client: {e}"))
+        };
+        let client = builder().read_timeout(STALL).build().map_err(err)?;
+        let upload_client = builder().build().map_err(err)?;
         Ok(Self {
             r,
             base,
             client,
+            upload_client,
             creds: opts.creds,
             push,
             auth: Mutex::new(None),
@@ -575,9 +585,20 @@ impl RegistryImage {
         data: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<(String, u64), CoreError> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, io::Error>>(CHUNKS_IN_FLIGHT);
-        let body_stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        // When the body last moved (or the stream ended): the upload fails if that is too long ago.
+        let activity = Arc::new(Mutex::new(Instant::now()));
+        let touch = |a: &Mutex<Instant>| *a.lock().expect("activity lock") = Instant::now();
+        let act = Arc::clone(&activity);
+        let body_stream = futures::stream::unfold(rx, move |mut rx| {
+            let act = Arc::clone(&act);
+            async move {
+                let item = rx.recv().await;
+                touch(&act);
+                item.map(|i| (i, rx))
+            }
+        });
         let body = reqwest::Body::wrap_stream(body_stream);
+        let pump_activity = Arc::clone(&activity);
         let pump = async move {
             let mut hasher = Sha256::new();
             let mut len = 0u64;
@@ -601,14 +622,30 @@ impl RegistryImage {
                 }
             }
             drop(tx);
+            touch(&pump_activity);
             Ok((format_sha256(hasher), len))
         };
         let request = async {
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            self.with_auth(self.client.patch(loc).headers(headers).body(body))
-                .send()
-                .await
+            let send = self
+                .with_auth(self.upload_client.patch(loc).headers(headers).body(body))
+                .send();
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    r = &mut send => return r.map_err(|e| self.net(&e)),
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {
+                        let idle = activity.lock().expect("activity lock").elapsed();
+                        if idle > STALL {
+                            return Err(RegistryError::Network {
+                                registry: self.host(),
+                                detail: format!("the blob upload made no progress for {} s", idle.as_secs()),
+                            });
+                        }
+                    }
+                }
+            }
         };
         let (pumped, sent) = tokio::join!(pump, request);
         let (digest, len) = match pumped {
@@ -617,11 +654,11 @@ impl RegistryImage {
             Err(PumpError::Closed) => {
                 return Err(match sent {
                     Ok(resp) => core(self.status_error(resp, "uploading a blob").await),
-                    Err(e) => core(self.net(&e)),
+                    Err(e) => core(e),
                 })
             }
         };
-        let resp = sent.map_err(|e| core(self.net(&e)))?;
+        let resp = sent.map_err(core)?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(core(self.refused(resp.status())));
         }

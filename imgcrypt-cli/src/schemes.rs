@@ -22,6 +22,33 @@ fn provider_error(e: ProviderError) -> CliError {
         .hint("configure the provider in the JSON file named by OCICRYPT_KEYPROVIDER_CONFIG ({\"key-providers\": {\"NAME\": {\"cmd\": {\"path\": …}}}})")
 }
 
+/// The built-in Key Protect provider name (`provider:keyprotect:<root-key-id>`).
+pub const KEYPROTECT: &str = "keyprotect";
+
+fn kp_error(e: &keyprotect_client::Error) -> CliError {
+    CliError::new(ErrorKind::Failure, format!("Key Protect: {e}"))
+}
+
+/// A Key Protect client from `IMGCRYPT_KEYPROTECT_CONFIG` or `KP_URL`/`KP_INSTANCE_ID`/`KP_APIKEY`.
+///
+/// # Errors
+/// [`ErrorKind::Usage`] when Key Protect is not configured, or the configuration error.
+pub fn keyprotect_client() -> Result<keyprotect_client::Client, CliError> {
+    let cfg = keyprotect_client::KeyProtectConfig::from_env()
+        .map_err(|e| kp_error(&e))?
+        .ok_or_else(|| {
+            CliError::usage("Key Protect is not configured")
+                .hint("set IMGCRYPT_KEYPROTECT_CONFIG to the add-on's config.json, or KP_URL, KP_INSTANCE_ID and KP_APIKEY")
+        })?;
+    keyprotect_client::Client::new(cfg).map_err(|e| kp_error(&e))
+}
+
+/// Whether `provider:<name>` is served by an `OCICRYPT_KEYPROVIDER_CONFIG` entry (which wins over
+/// the built-in Key Protect provider, as in skopeo).
+fn configured_provider(name: &str) -> bool {
+    matches!(KeyProviderConfig::from_env(), Ok(Some(c)) if c.provider(name).is_ok())
+}
+
 fn provider_config(spec: &str) -> Result<KeyProviderConfig, CliError> {
     match KeyProviderConfig::from_env() {
         Ok(Some(c)) => Ok(c),
@@ -51,6 +78,15 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
                     c
                 })?;
                 jwe_keys.push(k);
+            }
+            RecipientSpec::Provider { name, param } if name == KEYPROTECT && !configured_provider(name) => {
+                let Some(root_key) = param.as_deref().filter(|p| !p.is_empty()) else {
+                    return Err(CliError::usage(
+                        "provider:keyprotect needs the root key: --recipient provider:keyprotect:ROOT_KEY_ID",
+                    ));
+                };
+                let w = keyprotect_client::KeyProtectWrapper::new(keyprotect_client()?, root_key);
+                out.push(Arc::new(w));
             }
             RecipientSpec::Provider { name, param } => {
                 let spec = format!("provider:{name}");
@@ -87,6 +123,11 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
             KeySpec::File { path, password } => {
                 let key = PrivateKey::from_file(&path, password.as_deref().map(|p| &p[..]))?;
                 private.push(key);
+            }
+            KeySpec::Provider { name, .. } if name == KEYPROTECT && !configured_provider(&name) => {
+                out.push(Arc::new(keyprotect_client::KeyProtectUnwrapper::new(
+                    keyprotect_client()?,
+                )));
             }
             KeySpec::Provider { name, param } => {
                 let cfg = provider_config(&format!("provider:{name}"))?;
