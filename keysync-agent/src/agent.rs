@@ -358,7 +358,10 @@ impl Runner {
     }
 
     fn on_event(&mut self, ev: watcher::Event<Secret>) -> bool {
-        self.health.progress();
+        // `Init` comes from the watcher itself, before any request: not progress.
+        if !matches!(ev, watcher::Event::Init) {
+            self.health.progress();
+        }
         let record = |s: Secret| {
             let mut rec = SecretRecord::from_secret(s);
             if rec.kind() == SecretKind::Ignored {

@@ -78,9 +78,7 @@ impl EventSink {
             note.truncate(cut);
             note.push_str("...");
         }
-        // Secret names are DNS subdomains, so the generated name is one too (when the Secret's
-        // name is not, the API server refuses the Event; that is counted).
-        let base: String = problem.secret.chars().take(200).collect();
+        let base = event_name_base(&problem.secret);
         Event {
             metadata: ObjectMeta {
                 name: Some(format!(
@@ -115,5 +113,48 @@ impl EventSink {
     pub async fn flush(&mut self, timeout: std::time::Duration) {
         let _ =
             tokio::time::timeout(timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
+    }
+}
+
+/// A DNS-subdomain prefix for an Event name derived from a Secret name (Secret names from a real
+/// API server already are; anything else is reduced to `[a-z0-9.-]`).
+fn event_name_base(secret: &str) -> String {
+    let cleaned: String = secret
+        .chars()
+        .take(200)
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let out = cleaned
+        .split('.')
+        .map(|l| l.trim_matches('-'))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(".");
+    if out.is_empty() {
+        "secret".into()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_name_base;
+
+    #[test]
+    fn event_names_are_dns_subdomains() {
+        assert_eq!(event_name_base("my-key"), "my-key");
+        assert_eq!(event_name_base("a.b"), "a.b");
+        assert_eq!(event_name_base("../evil"), "evil");
+        assert_eq!(event_name_base("Upper"), "pper");
+        assert_eq!(event_name_base("a/b"), "a-b");
+        assert_eq!(event_name_base(".."), "secret");
+        assert_eq!(event_name_base("a.-.b"), "a.b");
     }
 }

@@ -1150,6 +1150,13 @@ async fn post_event(
             None => return status(422, "Invalid", "Event is invalid: metadata.name: Required value"),
         },
     };
+    if !is_dns_subdomain(&name) {
+        return status(
+            422,
+            "Invalid",
+            &format!("Event \"{name}\" is invalid: metadata.name: must be a lowercase RFC 1123 subdomain"),
+        );
+    }
     if st
         .events
         .iter()

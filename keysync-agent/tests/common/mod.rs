@@ -188,3 +188,45 @@ pub fn event_reasons(standin: &KubeStandin, secret: &str) -> Vec<String> {
         .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
         .collect()
 }
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("HTTP GET answered")
+}
+
+/// Serves the agent's /healthz, /readyz, /metrics on an ephemeral loopback port.
+pub async fn serve_probes(r: &Running) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (m, h) = (r.metrics.clone(), r.health.clone());
+    tokio::spawn(keysync_agent::metrics::serve(l, m, h, futures::future::pending()));
+    addr
+}
+
+/// The value of one metric line (`name{labels}`) in the Prometheus text, 0 when absent.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
