@@ -53,6 +53,9 @@ pub struct ClientOptions {
     pub proxy_from_env: bool,
     /// User agent.
     pub user_agent: String,
+    /// At most this many Key Protect requests of this client (and its clones) in flight at
+    /// once; `None` for no limit (default). Backoff sleeps do not hold a slot.
+    pub max_concurrent_requests: Option<usize>,
 }
 
 impl Default for ClientOptions {
@@ -68,6 +71,7 @@ impl Default for ClientOptions {
             ca_bundle_pem: None,
             proxy_from_env: true,
             user_agent: concat!("imgcrypt-keyprotect-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+            max_concurrent_requests: None,
         }
     }
 }
@@ -112,6 +116,7 @@ struct Inner {
     opts: ClientOptions,
     token: Mutex<Option<CachedToken>>,
     kp_url: String,
+    limit: Option<tokio::sync::Semaphore>,
 }
 
 /// An IBM Key Protect client for one instance. Cheap to clone (shares one connection pool and
@@ -184,6 +189,9 @@ impl Client {
         if !opts.proxy_from_env || (loopback(&api_base) && loopback(&token_url)) {
             b = b.no_proxy();
         }
+        let limit = opts
+            .max_concurrent_requests
+            .map(|n| tokio::sync::Semaphore::new(n.max(1)));
         let http = b
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
@@ -197,8 +205,18 @@ impl Client {
                 opts,
                 token: Mutex::new(None),
                 kp_url: config.url.clone(),
+                limit,
             }),
         })
+    }
+
+    /// A client from the environment ([`KeyProtectConfig::from_env`]); `Ok(None)` when no
+    /// Key Protect variable is set.
+    ///
+    /// # Errors
+    /// [`Error::Config`].
+    pub fn from_env() -> Result<Option<Self>, Error> {
+        KeyProtectConfig::from_env()?.map(Self::new).transpose()
     }
 
     /// The instance GUID this client talks to.
@@ -580,12 +598,22 @@ impl Client {
                 rb = rb.header(CONTENT_TYPE, *ct).body(bytes.to_vec());
             }
             tracing::debug!(%op, attempt = attempts, %correlation_id, "key protect request");
-            let result = rb.send().await;
-            let retry_in = match result {
+            let permit = match &self.inner.limit {
+                Some(sem) => Some(sem.acquire().await.expect("the semaphore is never closed")),
+                None => None,
+            };
+            let result = match rb.send().await {
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-                    let bytes = match resp.bytes().await {
+                    Ok((status, retry_after, resp.bytes().await))
+                }
+                Err(e) => Err(e),
+            };
+            drop(permit);
+            let retry_in = match result {
+                Ok((status, retry_after, body)) => {
+                    let bytes = match body {
                         Ok(b) => b.to_vec(),
                         Err(e) => {
                             let kind = transport_kind(&e);

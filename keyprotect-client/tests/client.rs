@@ -687,3 +687,52 @@ async fn invalid_inputs_are_refused_before_any_request() {
     let e = Client::new(KeyProtectConfig::new("http://kms.example.com", "i", "k", None)).unwrap_err();
     assert!(e.to_string().contains("loopback"), "{e}");
 }
+
+#[tokio::test]
+async fn concurrency_cap_bounds_requests_in_flight() {
+    let emu = Emulator::start().unwrap();
+    let root = emu.create_root_key("r");
+    for (limit, bound) in [(Some(2), 2), (None, 8)] {
+        let kp = Client::with_options(
+            emu.config(),
+            ClientOptions {
+                max_concurrent_requests: limit,
+                ..fast()
+            },
+        )
+        .unwrap();
+        kp.check_credentials().await.unwrap();
+        emu.reset_counts();
+        emu.inject(Some(Op::Wrap), Fault::Slow(Duration::from_millis(300)), 8);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (c, r) = (kp.clone(), root.clone());
+            set.spawn(async move { c.wrap(&r, b"x", None).await.map(drop) });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(emu.successes(Op::Wrap), 8);
+        let max = emu.max_in_flight();
+        if limit.is_some() {
+            assert!(max <= bound, "limit {limit:?}: {max} in flight");
+        } else {
+            assert!(max > 2, "without a limit the slow requests overlap: {max}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn emulator_plaintext_limit() {
+    let emu = Emulator::start_with(keyprotect_client::emulator::EmulatorConfig {
+        max_plaintext_b64: Some(4096),
+        ..Default::default()
+    })
+    .unwrap();
+    let kp = client(&emu);
+    let root = emu.create_root_key("r");
+    kp.wrap(&root, &[1u8; 3072], None).await.unwrap(); // 4096 base64 characters
+    let e = kp.wrap(&root, &[1u8; 3073], None).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert_eq!(e.reasons()[0].code, "INVALID_FIELD_ERR");
+}

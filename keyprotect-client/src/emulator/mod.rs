@@ -235,6 +235,8 @@ pub(crate) struct State {
     pub log: Vec<RequestRecord>,
     pub seq: u64,
     pub token_ttl: Duration,
+    pub in_flight: u64,
+    pub max_in_flight: u64,
 }
 
 pub(crate) struct Shared {
@@ -307,6 +309,8 @@ impl Emulator {
                 log: Vec::new(),
                 seq: 0,
                 token_ttl: config.token_ttl,
+                in_flight: 0,
+                max_in_flight: 0,
             }),
             config,
         });
@@ -364,6 +368,8 @@ impl Emulator {
                 log: Vec::new(),
                 seq: 0,
                 token_ttl: config.token_ttl,
+                in_flight: 0,
+                max_in_flight: 0,
             }),
             config,
         });
@@ -603,11 +609,17 @@ impl EmulatorHandle {
         self.shared.lock().log.clone()
     }
 
-    /// Resets the counters and the request log.
+    /// The most requests that were being served at the same time (since the last reset).
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.lock().max_in_flight
+    }
+
+    /// Resets the counters, the request log and the in-flight maximum.
     pub fn reset_counts(&self) {
         let mut s = self.shared.lock();
         s.counts.clear();
         s.log.clear();
+        s.max_in_flight = s.in_flight;
     }
 }
 

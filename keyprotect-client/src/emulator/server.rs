@@ -78,7 +78,25 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(sh: &Arc<Shared>) -> Self {
+        let mut s = sh.lock();
+        s.in_flight += 1;
+        s.max_in_flight = s.max_in_flight.max(s.in_flight);
+        Self(sh.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+    }
+}
+
 async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, DropConnection> {
+    let _in_flight = InFlight::enter(&sh);
     let method = req.method().clone();
     let uri = req.uri().clone();
     let headers = req.headers().clone();
