@@ -3,6 +3,7 @@
 //! openssl), and an independent OCI layout builder.
 #![allow(missing_docs)]
 
+pub mod containerd;
 pub mod image;
 pub mod kube;
 pub mod registry;
