@@ -30,10 +30,12 @@ impl Bars {
 
 impl Progress for Bars {
     fn start(&self, id: &str, size: u64, action: &str) {
-        let bar = self.multi.add(ProgressBar::new(size));
-        bar.set_style(self.style.clone());
-        bar.set_prefix(action.to_owned());
-        bar.set_message(id.to_owned());
+        let bar = self.multi.add(
+            ProgressBar::new(size)
+                .with_style(self.style.clone())
+                .with_prefix(action.to_owned())
+                .with_message(id.to_owned()),
+        );
         self.bars.lock().expect("bars lock").insert(id.to_owned(), bar);
     }
 

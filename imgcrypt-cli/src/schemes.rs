@@ -145,6 +145,14 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
             c.message = format!("--key-dir {}: {}", dir.display(), c.message);
             c
         })?;
+        for skipped in d.ignored.iter().chain(d.skipped.iter()) {
+            eprintln!(
+                "note: --key-dir {}: skipped {}: {}",
+                dir.display(),
+                skipped.path.display(),
+                skipped.reason
+            );
+        }
         if d.keys.is_empty() {
             ctx.key_sources
                 .push(format!("{} (no usable private key in it)", dir.display()));
