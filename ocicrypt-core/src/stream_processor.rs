@@ -49,6 +49,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::cipher::io::{crate_error, DecryptReader};
 use crate::jwe::JweUnwrapper;
+use crate::keyprovider::KeyProviderConfig;
 use crate::keys::{read_key_dir, KeyError, PrivateKey};
 use crate::keywrap::{schemes_present, AsyncKeyUnwrapper, Attempt};
 use crate::mediatype::{is_encrypted, KEYS_ANNOTATION_PREFIX, PUBOPTS_ANNOTATION};
@@ -149,6 +150,13 @@ pub enum DecoderError {
         /// Why.
         #[source]
         source: KeyError,
+    },
+    /// The key-provider configuration cannot be used.
+    #[error("key providers ({KEYPROVIDER_CONFIG_ENV}): {source}")]
+    KeyProviders {
+        /// Why.
+        #[source]
+        source: crate::keyprovider::ProviderError,
     },
     /// The key directory cannot be used (as the runtimes, any bad file fails the layer).
     #[error("decryption key directory: {source}")]
@@ -734,6 +742,13 @@ impl Decoder {
 
     /// Adds unwrappers for other schemes (key providers).
     pub fn with_unwrappers(mut self, extra: Vec<Arc<dyn AsyncKeyUnwrapper>>) -> Self {
+        if !extra.is_empty() {
+            let schemes: Vec<&str> = extra.iter().map(|u| u.scheme()).collect();
+            self.keys.looked_in.push(format!(
+                "the key providers configured are for {}",
+                schemes.join(", ")
+            ));
+        }
         self.extra = extra;
         self
     }
@@ -1011,32 +1026,62 @@ pub fn main() -> std::process::ExitCode {
         }
         Err(e) => return fail(&e),
     };
-    let env_media_type = std::env::var(MEDIA_TYPE_ENV).ok();
-    let result = read_payload_fd().and_then(|payload| {
-        // Raw descriptors: std's stdout is line-buffered, and the decoder does its own buffering.
-        let stdin = io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map(File::from)
-            .map_err(DecoderError::io("stdin"))?;
-        let stdout = io::stdout()
-            .as_fd()
-            .try_clone_to_owned()
-            .map(File::from)
-            .map_err(DecoderError::io("stdout"))?;
-        run(
-            &options,
-            env_media_type.as_deref(),
-            &payload,
-            Vec::new(),
-            stdin,
-            stdout,
-        )
+    // A raw descriptor: std's stdout is line-buffered, and the decoder does its own buffering.
+    let result = run_process(&options, || {
+        io::stdout().as_fd().try_clone_to_owned().map(File::from)
     });
     match result {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// What the decoder process does once its arguments are parsed, with the output opened by
+/// `open_output` (stdout in the binary): payload from fd 3, media type from
+/// [`MEDIA_TYPE_ENV`], key providers from [`KEYPROVIDER_CONFIG_ENV`], input from stdin.
+///
+/// The payload is read before any descriptor is opened or duplicated: when containerd passes
+/// no payload, fd 3 is free and the next descriptor opened would take its number.
+///
+/// # Errors
+/// Any [`DecoderError`].
+pub fn run_process<W: Write>(
+    options: &DecoderOptions,
+    open_output: impl FnOnce() -> io::Result<W>,
+) -> Result<Outcome, DecoderError> {
+    use std::os::fd::AsFd as _;
+    let payload = Payload::from_any_bytes(&read_payload_fd()?)?;
+    let env_media_type = std::env::var(MEDIA_TYPE_ENV).ok();
+    let providers = key_provider_unwrappers(&payload.decrypt_config)?;
+    let stdin = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from)
+        .map_err(DecoderError::io("stdin"))?;
+    let output = open_output().map_err(DecoderError::io("stdout"))?;
+    Decoder::new(payload, env_media_type.as_deref(), options)?
+        .with_unwrappers(providers)
+        .decrypt(stdin, output)
+}
+
+/// Unwrappers for every command key provider of the file named by
+/// [`KEYPROVIDER_CONFIG_ENV`] (none when it is unset), sent the pull's decrypt parameters as Go
+/// does.
+///
+/// # Errors
+/// [`DecoderError::KeyProviders`] when the file cannot be read or parsed.
+pub fn key_provider_unwrappers(
+    config: &DecryptConfig,
+) -> Result<Vec<Arc<dyn AsyncKeyUnwrapper>>, DecoderError> {
+    let Some(cfg) = KeyProviderConfig::from_env().map_err(|source| DecoderError::KeyProviders { source })?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(cfg
+        .unwrappers()
+        .into_iter()
+        .map(|u| Arc::new(u.with_parameters(config.parameters.clone())) as Arc<dyn AsyncKeyUnwrapper>)
+        .collect())
 }
 
 #[cfg(test)]

@@ -423,3 +423,109 @@ fn process_contract_fd3_payload_stdin_stdout() {
     assert!(!status.success());
     assert!(err.contains("--bogus"), "{err}");
 }
+
+/// `OCICRYPT_KEYPROVIDER_CONFIG`: a `cmd` key provider unwraps a `provider.<name>` layer.
+#[test]
+fn key_provider_from_the_environment_unwraps_the_layer() {
+    use ocicrypt_core::cipher::{LayerEncryptor, LayerKey, Nonce};
+    use ocicrypt_core::keywrap::append_entry;
+    use ocicrypt_core::stream_processor::Descriptor;
+    use ocicrypt_core::{PrivateLayerOptions, PublicLayerOptions};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let key = LayerKey::generate();
+    let nonce = Nonce::generate();
+    let plaintext = b"a layer for a key provider".repeat(1000);
+    let mut ct = plaintext.clone();
+    let mut enc = LayerEncryptor::new(&key, &nonce);
+    enc.update(&mut ct);
+    let mac = enc.finish();
+    let mut annotations = std::collections::BTreeMap::new();
+    append_entry(&mut annotations, "provider.sample", b"opaque-wrapped-key");
+    annotations.insert(
+        "org.opencontainers.image.enc.pubopts".to_owned(),
+        PublicLayerOptions::new(&mac).to_annotation(),
+    );
+    let payload = Payload {
+        descriptor: Descriptor {
+            media_type: TAR_ENC.into(),
+            digest: sha256(&ct),
+            size: ct.len() as i64,
+            annotations,
+        },
+        ..Payload::default()
+    };
+    // The provider: saves the request, answers with the private options.
+    let optsdata = PrivateLayerOptions::new(&key, &nonce, "").to_json();
+    let answer =
+        serde_json::json!({"keyunwrapresults": {"optsdata": ocicrypt_core::options::encode_b64(&optsdata)}});
+    std::fs::write(tmp.path().join("answer.json"), answer.to_string()).unwrap();
+    let script = tmp.path().join("provider.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "cat > {d}/request.json\ncat {d}/answer.json\n",
+            d = tmp.path().display()
+        ),
+    )
+    .unwrap();
+    let config = tmp.path().join("ocicrypt_keyprovider.conf");
+    std::fs::write(
+        &config,
+        serde_json::json!({"key-providers": {"sample": {"cmd": {"path": "/bin/sh", "args": [script]}}}})
+            .to_string(),
+    )
+    .unwrap();
+    let pfile = tmp.path().join("payload");
+    std::fs::write(&pfile, payload.to_any_bytes()).unwrap();
+    let empty = key_dir(&[]);
+    let args = [
+        "--decryption-keys-path",
+        empty.path().to_str().unwrap(),
+        "--stream",
+    ];
+
+    let run = |envs: &[(&str, &str)]| {
+        let mut child = spawn_child_env(&args, Some(&pfile), TAR_ENC, envs);
+        let mut stdin = child.stdin.take().unwrap();
+        let data = ct.clone();
+        let w = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+        let mut out = Vec::new();
+        child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        let done = child.wait_with_output().unwrap();
+        w.join().unwrap();
+        (
+            done.status,
+            out,
+            String::from_utf8_lossy(&done.stderr).into_owned(),
+        )
+    };
+    let (status, out, err) = run(&[("OCICRYPT_KEYPROVIDER_CONFIG", config.to_str().unwrap())]);
+    assert!(status.success(), "{err}");
+    assert!(out == plaintext);
+    let request: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("request.json")).unwrap()).unwrap();
+    assert_eq!(request["op"], "keyunwrap");
+    assert_eq!(
+        request["keyunwrapparams"]["annotation"],
+        ocicrypt_core::options::encode_b64(b"opaque-wrapped-key")
+    );
+
+    // Without the configuration: no key for provider.sample.
+    let (status, out, err) = run(&[]);
+    assert!(!status.success());
+    assert!(out.is_empty());
+    let line = decoder_line(&err);
+    assert!(line.contains("encrypted for provider.sample"), "{line}");
+    // A broken configuration is named.
+    std::fs::write(&config, "{not json").unwrap();
+    let (status, _, err) = run(&[("OCICRYPT_KEYPROVIDER_CONFIG", config.to_str().unwrap())]);
+    assert!(!status.success());
+    let line = decoder_line(&err);
+    assert!(
+        line.contains("OCICRYPT_KEYPROVIDER_CONFIG") && line.contains("ocicrypt_keyprovider.conf"),
+        "{line}"
+    );
+}

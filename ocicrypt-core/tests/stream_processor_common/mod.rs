@@ -142,6 +142,16 @@ pub const CHILD_ENV: &str = "STREAM_PROCESSOR_TEST_CHILD";
 /// `None`), `STREAM_PROCESSOR_MEDIATYPE`, stdin piped. The decrypted output arrives on the
 /// child's stdout; libtest's own chatter is sent to stderr.
 pub fn spawn_child(args: &[&str], payload_file: Option<&Path>, media_type: &str) -> std::process::Child {
+    spawn_child_env(args, payload_file, media_type, &[])
+}
+
+/// As [`spawn_child`], with extra environment variables.
+pub fn spawn_child_env(
+    args: &[&str],
+    payload_file: Option<&Path>,
+    media_type: &str,
+    envs: &[(&str, &str)],
+) -> std::process::Child {
     let exe = std::env::current_exe().unwrap();
     let redirect = match payload_file {
         Some(_) => "3<\"$PAYLOAD_FILE\"",
@@ -156,6 +166,8 @@ pub fn spawn_child(args: &[&str], payload_file: Option<&Path>, media_type: &str)
         .arg(exe)
         .env(CHILD_ENV, args.join("\u{1f}"))
         .env("STREAM_PROCESSOR_MEDIATYPE", media_type)
+        .env_remove("OCICRYPT_KEYPROVIDER_CONFIG")
+        .envs(envs.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -178,23 +190,9 @@ pub fn child_main() {
         .map(std::ffi::OsString::from);
     let code = match sp::parse_args(args) {
         Ok(sp::Command::Run(opts)) => {
-            let res = sp::read_payload_fd().and_then(|payload| {
-                let out = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open("/proc/self/fd/4")
-                    .expect("fd 4");
-                let media = std::env::var(sp::MEDIA_TYPE_ENV).ok();
-                eprintln!("VMRSS_BEFORE_KB={}", status_kb("VmRSS:"));
-                sp::run(
-                    &opts,
-                    media.as_deref(),
-                    &payload,
-                    Vec::new(),
-                    std::io::stdin().lock(),
-                    out,
-                )
-            });
-            match res {
+            eprintln!("VMRSS_BEFORE_KB={}", status_kb("VmRSS:"));
+            let fd4 = || std::fs::OpenOptions::new().write(true).open("/proc/self/fd/4");
+            match sp::run_process(&opts, fd4) {
                 Ok(_) => 0,
                 Err(e) => {
                     eprintln!("imgcrypt-decoder: {}", e.one_line());
