@@ -383,3 +383,61 @@ fn registry_auth_and_network_errors() {
         .expect_code(9)
         .stderr_has(&["cannot connect", &format!("127.0.0.1:{port}")]);
 }
+
+#[test]
+fn docker_schema2_source_registry_to_registry_and_digest_references() {
+    if !tools() {
+        return;
+    }
+    let reg = Registry::start();
+    let t = tempfile::tempdir().unwrap();
+    let (priv_a, pub_a) = openssl_keypair(t.path(), "a", "rsa2048");
+    let src = t.path().join("src");
+    src_image(&src);
+    // A Docker schema 2 image, as most registries serve them.
+    let docker = reg.image("d/app:v2s2");
+    skopeo_ok(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &oci(&src, "v1"),
+        &docker,
+    ]);
+    let j = imgcrypt(&[NO_TLS, "inspect", "--json", &docker]).ok().json();
+    assert_eq!(
+        j["media_type"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    // By digest.
+    let digest = j["digest"].as_str().unwrap().to_owned();
+    let by_digest = format!("docker://{}/d/app@{digest}", reg.addr);
+    imgcrypt(&[NO_TLS, "inspect", &by_digest])
+        .ok()
+        .stdout_has(&[&digest]);
+    let missing = format!("docker://{}/d/app@sha256:{}", reg.addr, "0".repeat(64));
+    imgcrypt(&[NO_TLS, "inspect", &missing]).expect_code(7);
+    // Registry to registry encryption of the Docker image: an OCI manifest with encrypted layers.
+    let enc = reg.image("d/app:enc");
+    imgcrypt(&[
+        NO_TLS,
+        "encrypt",
+        "--recipient",
+        &format!("jwe:{}", pub_a.display()),
+        &by_digest,
+        &enc,
+    ])
+    .ok();
+    let j = imgcrypt(&[NO_TLS, "inspect", "--json", &enc]).ok().json();
+    assert_eq!(j["media_type"], "application/vnd.oci.image.manifest.v1+json");
+    let out = t.path().join("out");
+    skopeo_ok(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--decryption-key",
+        &priv_a.display().to_string(),
+        &enc,
+        &oci(&out, "v1"),
+    ]);
+    assert_eq!(layer_blobs(&out, "v1"), layer_blobs(&src, "v1"));
+}
