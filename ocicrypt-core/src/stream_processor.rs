@@ -1065,18 +1065,23 @@ pub fn run_process<W: Write>(
 }
 
 /// Unwrappers for every command key provider of the file named by
-/// [`KEYPROVIDER_CONFIG_ENV`] (none when it is unset), sent the pull's decrypt parameters as Go
-/// does.
+/// [`KEYPROVIDER_CONFIG_ENV`], sent the pull's decrypt parameters as Go does. None when the
+/// variable is unset or empty, or names a file that does not exist (Go ocicrypt's rule, which
+/// containerd's documented configuration relies on).
 ///
 /// # Errors
-/// [`DecoderError::KeyProviders`] when the file cannot be read or parsed.
+/// [`DecoderError::KeyProviders`] when the file exists but cannot be read or parsed.
 pub fn key_provider_unwrappers(
     config: &DecryptConfig,
 ) -> Result<Vec<Arc<dyn AsyncKeyUnwrapper>>, DecoderError> {
-    let Some(cfg) = KeyProviderConfig::from_env().map_err(|source| DecoderError::KeyProviders { source })?
-    else {
+    let Some(path) = std::env::var_os(KEYPROVIDER_CONFIG_ENV).filter(|p| !p.is_empty()) else {
         return Ok(Vec::new());
     };
+    let path = PathBuf::from(path);
+    if matches!(std::fs::metadata(&path), Err(e) if e.kind() == io::ErrorKind::NotFound) {
+        return Ok(Vec::new());
+    }
+    let cfg = KeyProviderConfig::from_file(&path).map_err(|source| DecoderError::KeyProviders { source })?;
     Ok(cfg
         .unwrappers()
         .into_iter()

@@ -519,6 +519,14 @@ fn key_provider_from_the_environment_unwraps_the_layer() {
     assert!(out.is_empty());
     let line = decoder_line(&err);
     assert!(line.contains("encrypted for provider.sample"), "{line}");
+    // A configuration file that does not exist means no providers (Go's rule).
+    let missing = tmp.path().join("missing.conf");
+    let (status, _, err) = run(&[("OCICRYPT_KEYPROVIDER_CONFIG", missing.to_str().unwrap())]);
+    assert!(!status.success());
+    assert!(
+        decoder_line(&err).contains("encrypted for provider.sample"),
+        "{err}"
+    );
     // A broken configuration is named.
     std::fs::write(&config, "{not json").unwrap();
     let (status, _, err) = run(&[("OCICRYPT_KEYPROVIDER_CONFIG", config.to_str().unwrap())]);

@@ -43,34 +43,37 @@ pub fn prerequisites() -> Result<(), String> {
     Ok(())
 }
 
-/// The stream-processor part of containerd's `config.toml` for `imgcrypt-decoder`.
+/// The documented containerd configuration for `imgcrypt-decoder`
+/// (`deploy/containerd/imgcrypt-decoder.toml`), with its paths replaced: the decoder binary,
+/// the key directory and the key-provider configuration file.
 ///
-/// containerd 1.6 (its vendored imgcrypt `PayloadToolIDs`) hands the decryption payload only to
-/// the processor IDs `io.containerd.ocicrypt.decoder.v1.tar` and `…v1.tar.gzip`, so zstd
-/// layers are routed through the `tar.gzip` entry: its `returns` type only tells containerd
-/// that the output is compressed, and containerd's decompressor recognises gzip and zstd by
-/// their magic bytes.
-pub fn stream_processors_toml(decoder: &Path, key_dir: &Path, extra_args: &[&str]) -> String {
-    let mut args = vec![
-        format!("{:?}", "--decryption-keys-path"),
-        format!("{:?}", key_dir.display().to_string()),
-    ];
-    args.extend(extra_args.iter().map(|a| format!("{a:?}")));
-    let args = args.join(", ");
-    let path = format!("{:?}", decoder.display().to_string());
-    format!(
-        r#"[stream_processors]
-  [stream_processors."io.containerd.ocicrypt.decoder.v1.tar.gzip"]
-    accepts = ["application/vnd.oci.image.layer.v1.tar+gzip+encrypted", "application/vnd.oci.image.layer.v1.tar+zstd+encrypted"]
-    returns = "application/vnd.oci.image.layer.v1.tar+gzip"
-    path = {path}
-    args = [{args}]
-  [stream_processors."io.containerd.ocicrypt.decoder.v1.tar"]
-    accepts = ["application/vnd.oci.image.layer.v1.tar+encrypted"]
-    returns = "application/vnd.oci.image.layer.v1.tar"
-    path = {path}
-    args = [{args}]
-"#
+/// # Panics
+/// When the file is missing or no longer names the paths it is expected to.
+pub fn decoder_config_snippet(decoder: &Path, key_dir: &Path, keyprovider_conf: &Path) -> String {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerd/imgcrypt-decoder.toml");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    for needle in [
+        "\"/usr/local/bin/imgcrypt-decoder\"",
+        "\"/etc/containerd/ocicrypt/keys\"",
+        "=/etc/containerd/ocicrypt/ocicrypt_keyprovider.conf\"",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{} no longer contains {needle}",
+            file.display()
+        );
+    }
+    text.replace(
+        "\"/usr/local/bin/imgcrypt-decoder\"",
+        &format!("{:?}", decoder.display().to_string()),
+    )
+    .replace(
+        "\"/etc/containerd/ocicrypt/keys\"",
+        &format!("{:?}", key_dir.display().to_string()),
+    )
+    .replace(
+        "=/etc/containerd/ocicrypt/ocicrypt_keyprovider.conf\"",
+        &format!("={}\"", keyprovider_conf.display()),
     )
 }
 
@@ -86,8 +89,10 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd with `imgcrypt-decoder` at `decoder` reading `key_dir`, and a mirror
-    /// for the plain-HTTP registry at `registry` (`127.0.0.1:PORT`).
+    /// Starts containerd configured with the documented `imgcrypt-decoder` snippet
+    /// ([`decoder_config_snippet`]; the decoder at `decoder` reading `key_dir`, a key-provider
+    /// configuration that does not exist), and a mirror for the plain-HTTP registry at
+    /// `registry` (`127.0.0.1:PORT`).
     ///
     /// # Panics
     /// When containerd does not come up (its log is in the message).
@@ -99,11 +104,11 @@ impl Containerd {
         let d = dir.path();
         let socket = d.join("containerd.sock");
         let config = format!(
-            r#"version = 2
-root = "{root}"
+            r#"root = "{root}"
 state = "{state}"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 
+{sp}
 [grpc]
   address = "{sock}"
 [ttrpc]
@@ -119,20 +124,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
-  [plugins."io.containerd.grpc.v1.cri".image_decryption]
-    key_model = "node"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d}/cni/bin"
     conf_dir = "{d}/cni/conf"
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
     endpoint = ["http://{registry}"]
-
-{sp}"#,
+"#,
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
             d = d.display(),
-            sp = stream_processors_toml(decoder, key_dir, &[]),
+            sp = decoder_config_snippet(decoder, key_dir, &d.join("no-keyprovider.conf")),
         );
         let cfg = d.join("config.toml");
         std::fs::write(&cfg, config).expect("write containerd config");
