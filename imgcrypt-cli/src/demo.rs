@@ -17,7 +17,7 @@ use crate::run_step;
 /// The files of the example image: (layer, path, content).
 const FILES: &[(usize, &str, &str)] = &[
     (0, "etc/motd", "Welcome to the imgcrypt demo image.\n"),
-    (0, "app/config.toml", "[server]\nport = 8080\n"),
+    (0, "app/config.toml", "port = 8080\n"),
     (
         1,
         "app/secret.txt",

@@ -167,18 +167,23 @@ impl std::error::Error for CliError {}
 
 impl From<KeyError> for CliError {
     fn from(e: KeyError) -> Self {
-        let hint = match &e {
-            KeyError::NeedsPassword { .. } => {
-                "pass the password as --key FILE:PASSWORD, FILE:pass=PASSWORD or FILE:file=PASSWORD_FILE"
-            }
-            KeyError::WrongPassword { .. } => {
-                "check the password given after FILE: (FILE:PASSWORD, FILE:pass=…, FILE:file=…)"
-            }
-            KeyError::Io { .. } => "check the path of the key file",
-            _ => "private keys go to --key (PEM, DER or JWK), public keys to --recipient jwe:FILE",
-        };
-        CliError::new(ErrorKind::KeyFile, e.to_string()).hint(hint)
+        key_error(&e)
     }
+}
+
+/// What the user sees for a key that cannot be read or used.
+pub fn key_error(e: &KeyError) -> CliError {
+    let hint = match e {
+        KeyError::NeedsPassword { .. } => {
+            "pass the password as --key FILE:PASSWORD, FILE:pass=PASSWORD or FILE:file=PASSWORD_FILE"
+        }
+        KeyError::WrongPassword { .. } => {
+            "check the password given after FILE: (FILE:PASSWORD, FILE:pass=…, FILE:file=…)"
+        }
+        KeyError::Io { .. } => "check the path of the key file",
+        _ => "private keys go to --key (PEM, DER or JWK), public keys to --recipient jwe:FILE",
+    };
+    CliError::new(ErrorKind::KeyFile, e.to_string()).hint(hint)
 }
 
 /// Context for classifying a core error: the keys that were tried, for the message.
@@ -263,7 +268,7 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
         )
         .hint("pass the private key matching one of the image's recipients; `imgcrypt inspect IMAGE` shows how the layers are encrypted"),
         CoreError::Key(k) => {
-            let mut c = CliError::from(clone_key_error_message(k));
+            let mut c = key_error(k);
             if let Some(ctx) = &ctx {
                 c.message = format!("{ctx}: {}", c.message);
             }
@@ -281,19 +286,6 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
         },
         CoreError::NoRecipients => CliError::usage(root.to_string()),
         _ => CliError::new(ErrorKind::Failure, ocicrypt_core::keywrap::error_chain(e)),
-    }
-}
-
-fn clone_key_error_message(k: &KeyError) -> KeyError {
-    // KeyError is not Clone; rebuild an equivalent for the message and hint.
-    match k {
-        KeyError::NeedsPassword { source_name } => KeyError::NeedsPassword {
-            source_name: source_name.clone(),
-        },
-        KeyError::WrongPassword { source_name } => KeyError::WrongPassword {
-            source_name: source_name.clone(),
-        },
-        other => KeyError::InvalidParameter(other.to_string()),
     }
 }
 
