@@ -1,1 +1,5 @@
-//! Benchmarks live in `benches/`.
+//! Benchmarks of imgcrypt: criterion benches of the layer cipher in `benches/`, scripts comparing
+//! the `imgcrypt` CLI with skopeo (`vs-skopeo.sh`) and the node agent (`agent-bench.sh`), and
+//! the helper binaries those scripts use.
+
+pub mod mkimage;

@@ -10,11 +10,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use oci_spec::image::{Descriptor, ImageIndex, MediaType};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use std::io::{self, Read, Write};
 
-use super::digest::{verify_bytes, HashingReader, VerifyReader};
+use oci_spec::image::{Descriptor, ImageIndex, MediaType};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::digest::{format_sha256, verify_bytes};
+use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
 use super::{canonical_json, BlobReader, ImageDest, ImageSource};
+use crate::cipher::io::to_io;
 use crate::keywrap::BoxFuture;
 use crate::Error;
 
@@ -62,7 +67,10 @@ impl OciLayout {
         if empty {
             fs::create_dir_all(root.join("blobs").join("sha256"))?;
             crate::fsutil::write_bytes_atomic(&root.join("oci-layout"), OCI_LAYOUT_CONTENT.as_bytes())?;
-            crate::fsutil::write_bytes_atomic(&root.join("index.json"), br#"{"schemaVersion":2,"manifests":[]}"#)?;
+            crate::fsutil::write_bytes_atomic(
+                &root.join("index.json"),
+                br#"{"schemaVersion":2,"manifests":[]}"#,
+            )?;
         }
         let layout = Self::open(root, tag)?;
         if empty {
@@ -143,7 +151,13 @@ impl OciLayout {
         match tag {
             Some(t) => m
                 .iter()
-                .find(|d| d.annotations().as_ref().and_then(|a| a.get(REF_NAME)).map(String::as_str) == Some(t))
+                .find(|d| {
+                    d.annotations()
+                        .as_ref()
+                        .and_then(|a| a.get(REF_NAME))
+                        .map(String::as_str)
+                        == Some(t)
+                })
                 .cloned()
                 .ok_or_else(|| {
                     Error::Image(format!(
@@ -218,10 +232,14 @@ impl OciLayout {
     pub fn get_bytes(&self, desc: &Descriptor) -> Result<Vec<u8>, Error> {
         let digest = desc.digest().to_string();
         let path = self.blob_path(&digest)?;
-        let bytes = fs::read(&path).map_err(|e| {
-            Error::Image(format!("cannot read blob {digest} at {}: {e}", path.display()))
-        })?;
-        verify_bytes(&format!("blob {digest} in {}", self.root.display()), &bytes, &digest, desc.size())?;
+        let bytes = fs::read(&path)
+            .map_err(|e| Error::Image(format!("cannot read blob {digest} at {}: {e}", path.display())))?;
+        verify_bytes(
+            &format!("blob {digest} in {}", self.root.display()),
+            &bytes,
+            &digest,
+            desc.size(),
+        )?;
         Ok(bytes)
     }
 }
@@ -244,15 +262,84 @@ impl ImageSource for OciLayout {
 
     fn open_blob<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<BlobReader, Error>> {
         Box::pin(async move {
-            let digest = desc.digest().to_string();
-            let path = self.blob_path(&digest)?;
-            let file = tokio::fs::File::open(&path).await.map_err(|e| {
-                Error::Image(format!("cannot open blob {digest} at {}: {e}", path.display()))
-            })?;
-            let file = tokio::io::BufReader::with_capacity(1 << 20, file);
-            let r = VerifyReader::new(file, &digest, desc.size(), format!("blob {digest} in {}", self.root.display()))?;
-            Ok(Box::pin(r) as BlobReader)
+            let chunks = self.open_blob_chunks(desc, ChunkPool::standard()).await?;
+            Ok(Box::pin(chunks.into_reader()) as BlobReader)
         })
+    }
+
+    fn open_blob_chunks<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        pool: ChunkPool,
+    ) -> BoxFuture<'a, Result<ChunkReceiver, Error>> {
+        Box::pin(async move {
+            let digest = desc.digest().to_string();
+            let what = format!("blob {digest} in {}", self.root.display());
+            if !digest.starts_with("sha256:") {
+                return Err(Error::Image(format!(
+                    "{what}: unsupported digest algorithm in {digest}; only sha256 is supported"
+                )));
+            }
+            let path = self.blob_path(&digest)?;
+            let file = fs::File::open(&path)
+                .map_err(|e| Error::Image(format!("cannot open blob {digest} at {}: {e}", path.display())))?;
+            let (tx, rx) = pipeline::chunk_channel(pipeline::DEPTH, pool);
+            let size = desc.size();
+            tokio::task::spawn_blocking(move || read_verified(file, tx, &digest, size, &what));
+            Ok(rx)
+        })
+    }
+}
+
+/// Reads `file` into chunks on a blocking thread, hashing as it goes; ends the stream with a
+/// [`Error::DigestMismatch`] instead of its clean end when digest or size are wrong.
+fn read_verified(mut file: fs::File, tx: ChunkSender, expected: &str, size: u64, what: &str) {
+    let mismatch = |actual: String| {
+        to_io(Error::DigestMismatch {
+            what: what.to_owned(),
+            expected: format!("{expected} ({size} bytes)"),
+            actual,
+        })
+    };
+    let mut hasher = Sha256::new();
+    let mut seen = 0u64;
+    loop {
+        let mut buf = tx.pool().get();
+        let mut filled = 0;
+        let mut eof = false;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tx.blocking_fail(io::Error::new(e.kind(), format!("reading {what}: {e}")));
+                    return;
+                }
+            }
+        }
+        buf.truncate(filled);
+        seen += filled as u64;
+        if seen > size {
+            tx.blocking_fail(mismatch(format!("more than {size} bytes")));
+            return;
+        }
+        hasher.update(&buf);
+        if tx.blocking_send(buf).is_err() {
+            return;
+        }
+        if eof {
+            let actual = format_sha256(hasher);
+            if actual == expected && seen == size {
+                tx.blocking_finish();
+            } else {
+                tx.blocking_fail(mismatch(format!("{actual} ({seen} bytes)")));
+            }
+            return;
+        }
     }
 }
 
@@ -267,33 +354,85 @@ impl ImageDest for OciLayout {
 
     fn write_blob<'a>(
         &'a self,
-        _media_type: &'a str,
-        _size_hint: Option<u64>,
+        media_type: &'a str,
+        size_hint: Option<u64>,
         data: &'a mut (dyn AsyncRead + Send + Unpin),
     ) -> BoxFuture<'a, Result<(String, u64), Error>> {
         Box::pin(async move {
+            let (tx, rx) = pipeline::chunk_channel(pipeline::DEPTH, ChunkPool::standard());
+            let pump = async move {
+                loop {
+                    let mut buf = tx.pool().get();
+                    let mut filled = 0;
+                    let res = loop {
+                        match data.read(&mut buf[filled..]).await {
+                            Ok(0) => break Ok(true),
+                            Ok(n) => {
+                                filled += n;
+                                if filled == buf.len() {
+                                    break Ok(false);
+                                }
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    buf.truncate(filled);
+                    match res {
+                        Ok(eof) => {
+                            if tx.send(buf).await.is_err() {
+                                return;
+                            }
+                            if eof {
+                                tx.finish().await;
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tx.fail(e).await;
+                            return;
+                        }
+                    }
+                }
+            };
+            let ((), res) = tokio::join!(pump, self.write_blob_chunks(media_type, size_hint, rx));
+            res
+        })
+    }
+
+    fn write_blob_chunks<'a>(
+        &'a self,
+        _media_type: &'a str,
+        _size_hint: Option<u64>,
+        mut data: ChunkReceiver,
+    ) -> BoxFuture<'a, Result<(String, u64), Error>> {
+        Box::pin(async move {
             let dir = self.root.join("blobs").join("sha256");
-            tokio::fs::create_dir_all(&dir).await?;
+            fs::create_dir_all(&dir)?;
             let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
-            let (std_file, tmp_path) = tmp.into_parts();
-            let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
-            let mut hashing = HashingReader::new(data);
-            let copied = tokio::io::copy(&mut hashing, &mut file).await;
-            if let Err(e) = copied {
-                drop(file);
-                drop(tmp_path); // removes the temporary file
-                return Err(Error::from_stream(e));
-            }
-            file.flush().await?;
-            let file = file.into_inner();
-            file.sync_all().await?;
-            drop(file);
-            let (digest, len) = hashing.finish();
+            // Hash and write on a blocking thread, straight from the chunks.
+            let written = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                let mut tmp = tmp;
+                let mut hasher = Sha256::new();
+                let mut len = 0u64;
+                while let Some(chunk) = data.blocking_recv() {
+                    // An error (or a truncated stream) drops `tmp`, which removes the file.
+                    let chunk = chunk.map_err(Error::from_stream)?;
+                    tmp.as_file_mut().write_all(&chunk)?;
+                    hasher.update(&chunk);
+                    len += chunk.len() as u64;
+                    data.recycle(chunk);
+                }
+                tmp.as_file().sync_all()?;
+                Ok((tmp, format_sha256(hasher), len))
+            })
+            .await
+            .map_err(|e| Error::Image(format!("blob writer thread failed: {e}")))?;
+            let (tmp, digest, len) = written?;
             let dest = self.blob_path(&digest)?;
             if dest.exists() {
-                drop(tmp_path);
+                drop(tmp);
             } else {
-                tmp_path.persist(&dest).map_err(|e| Error::Io(e.error))?;
+                tmp.persist(&dest).map_err(|e| Error::Io(e.error))?;
                 crate::fsutil::sync_dir(&dir);
                 self.created.lock().expect("lock").push(dest);
             }
@@ -301,7 +440,11 @@ impl ImageDest for OciLayout {
         })
     }
 
-    fn write_manifest<'a>(&'a self, bytes: &'a [u8], _media_type: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+    fn write_manifest<'a>(
+        &'a self,
+        bytes: &'a [u8],
+        _media_type: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move { self.put_bytes(bytes).map(|_| ()) })
     }
 
@@ -343,4 +486,83 @@ pub fn descriptor(media_type: &str, digest: &str, size: u64) -> Result<Descripto
         .parse()
         .map_err(|e| Error::Image(format!("malformed digest {digest:?}: {e}")))?;
     Ok(Descriptor::new(MediaType::from(media_type), size, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::digest::sha256_digest;
+
+    fn blob_files(l: &OciLayout) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(l.path().join("blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn chunked_blobs_round_trip_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = OciLayout::open_or_create(dir.path().join("l"), Some("t")).unwrap();
+        let data: Vec<u8> = (0..(3 * pipeline::CHUNK + 17) as u32)
+            .map(|i| (i * 7 % 256) as u8)
+            .collect();
+        let mut r = &data[..];
+        let (digest, len) = l
+            .write_blob("application/octet-stream", None, &mut r)
+            .await
+            .unwrap();
+        assert_eq!(digest, sha256_digest(&data));
+        assert_eq!(len, data.len() as u64);
+        let desc = descriptor("application/octet-stream", &digest, len).unwrap();
+        let mut back = Vec::new();
+        l.open_blob(&desc)
+            .await
+            .unwrap()
+            .read_to_end(&mut back)
+            .await
+            .unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn a_tampered_blob_fails_at_the_end_and_a_failed_write_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = OciLayout::open_or_create(dir.path().join("l"), Some("t")).unwrap();
+        let data = vec![5u8; pipeline::CHUNK + 3];
+        let digest = l.put_bytes(&data).unwrap();
+        let desc = descriptor("application/octet-stream", &digest, data.len() as u64).unwrap();
+        let mut tampered = data.clone();
+        tampered[pipeline::CHUNK] ^= 1;
+        fs::write(l.blob_path(&digest).unwrap(), &tampered).unwrap();
+        let before = blob_files(&l);
+
+        // Copying the tampered blob through the chunked path publishes nothing.
+        let chunks = l.open_blob_chunks(&desc, ChunkPool::standard()).await.unwrap();
+        let e = l.write_blob_chunks("x", None, chunks).await.unwrap_err();
+        assert!(matches!(e, Error::DigestMismatch { .. }), "{e:?}");
+        assert_eq!(blob_files(&l), before, "no blob and no temporary file left");
+
+        // A wrong size is caught too, also when the blob is longer than declared.
+        fs::write(l.blob_path(&digest).unwrap(), &data).unwrap();
+        let short = descriptor("application/octet-stream", &digest, data.len() as u64 - 1).unwrap();
+        let mut out = Vec::new();
+        let e = l
+            .open_blob(&short)
+            .await
+            .unwrap()
+            .read_to_end(&mut out)
+            .await
+            .unwrap_err();
+        assert!(matches!(Error::from_stream(e), Error::DigestMismatch { .. }));
+
+        // A stream whose producer vanishes without its end marker is not published.
+        let (tx, rx) = pipeline::chunk_channel(2, ChunkPool::standard());
+        tx.send(vec![1; 100]).await.unwrap();
+        drop(tx);
+        assert!(l.write_blob_chunks("x", None, rx).await.is_err());
+        assert_eq!(blob_files(&l), before);
+    }
 }

@@ -45,6 +45,22 @@ pub trait ImageSource: Send + Sync + fmt::Debug {
     fn read_small<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<Vec<u8>, Error>>;
     /// Opens a blob as a stream that fails at end-of-file if its digest or size is wrong.
     fn open_blob<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<BlobReader, Error>>;
+
+    /// Opens a blob as a [`ChunkReceiver`](pipeline::ChunkReceiver) of buffers from `pool`, read
+    /// ahead by its own task or thread, ending with an error instead of its clean end if its
+    /// digest or size is wrong. The default reads [`open_blob`](Self::open_blob) in a spawned
+    /// task; stores that can read faster (the OCI layout: a blocking thread reading and hashing
+    /// straight into the chunks) override it.
+    fn open_blob_chunks<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        pool: pipeline::ChunkPool,
+    ) -> BoxFuture<'a, Result<pipeline::ChunkReceiver, Error>> {
+        Box::pin(async move {
+            let r = self.open_blob(desc).await?;
+            Ok(pipeline::spawn_chunks(r, pipeline::DEPTH, pool))
+        })
+    }
 }
 
 /// Where an image goes.
@@ -62,8 +78,24 @@ pub trait ImageDest: Send + Sync + fmt::Debug {
         size_hint: Option<u64>,
         data: &'a mut (dyn AsyncRead + Send + Unpin),
     ) -> BoxFuture<'a, Result<(String, u64), Error>>;
+    /// As [`write_blob`](Self::write_blob), from a chunk stream: the blob becomes visible only if
+    /// the stream ends cleanly, never after an error or a truncated stream. The default reads the
+    /// chunks through [`ChunkReceiver::into_reader`](pipeline::ChunkReceiver::into_reader);
+    /// stores that can write owned chunks directly (the OCI layout) override it.
+    fn write_blob_chunks<'a>(
+        &'a self,
+        media_type: &'a str,
+        size_hint: Option<u64>,
+        data: pipeline::ChunkReceiver,
+    ) -> BoxFuture<'a, Result<(String, u64), Error>> {
+        Box::pin(async move {
+            let mut r = data.into_reader();
+            self.write_blob(media_type, size_hint, &mut r).await
+        })
+    }
     /// Stores a manifest or index that children of the root refer to by digest.
-    fn write_manifest<'a>(&'a self, bytes: &'a [u8], media_type: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+    fn write_manifest<'a>(&'a self, bytes: &'a [u8], media_type: &'a str)
+        -> BoxFuture<'a, Result<(), Error>>;
     /// Stores the top-level manifest or index and names it (tag, index.json entry).
     fn set_root<'a>(&'a self, desc: &'a Descriptor, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), Error>>;
     /// Called when an operation fails: removes what this destination created during it, so

@@ -1,19 +1,19 @@
 //! Whole-image operations: encrypt, decrypt, add or replace recipients, inspect, check.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use futures::StreamExt;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Serialize;
-use tokio::io::{AsyncRead, ReadBuf};
 
-use super::{canonical_json, pipeline, ImageDest, ImageSource};
+use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
+use super::{canonical_json, ImageDest, ImageSource};
+use crate::cipher::io::to_io;
 use crate::cipher::{self, LayerKey, Nonce};
-use crate::keywrap::{self, schemes_present, unwrap_options, wrap_options, AsyncKeyUnwrapper, AsyncKeyWrapper};
+use crate::keywrap::{
+    self, schemes_present, unwrap_options, wrap_options, AsyncKeyUnwrapper, AsyncKeyWrapper,
+};
 use crate::mediatype::{self as mt, ANNOTATION_PREFIX};
 use crate::options::{decode_b64, PrivateLayerOptions, PublicLayerOptions};
 use crate::Error;
@@ -239,7 +239,8 @@ async fn run(ctx: &Arc<Ctx>) -> Result<TransformReport, Error> {
             new_index.set_manifests(children);
             new_index.set_media_type(Some(MediaType::ImageIndex));
             let b = canonical_json(&new_index)?;
-            let d = super::layout::descriptor(mt::OCI_INDEX, &super::digest::sha256_digest(&b), b.len() as u64)?;
+            let d =
+                super::layout::descriptor(mt::OCI_INDEX, &super::digest::sha256_digest(&b), b.len() as u64)?;
             (d, b)
         } else {
             (root.clone(), bytes)
@@ -326,29 +327,37 @@ async fn process_manifest(
 
     let platform = desc.platform().as_ref().map(platform_name);
     let manifest_digest = desc.digest().to_string();
-    let jobs = manifest.layers().iter().cloned().enumerate().zip(actions.iter().copied()).map(|((i, layer), action)| {
-        let ctx = Arc::clone(ctx);
-        let image_name = image_name.clone();
-        async move {
-            let digest = layer.digest().to_string();
-            let handle = tokio::spawn(async move { process_layer(&ctx, &layer, action, i).await });
-            let res = match handle.await {
-                Ok(r) => r,
-                Err(e) => Err(Error::Image(format!("layer task failed: {e}"))),
-            };
-            res.map_err(|e| match e {
-                e @ Error::Layer { .. } => e,
-                e => Error::Layer {
-                    image: image_name,
-                    index: i,
-                    digest,
-                    source: Box::new(e),
-                },
-            })
-        }
-    });
-    let results: Vec<Result<Descriptor, Error>> =
-        futures::stream::iter(jobs).buffered(ctx.concurrency).collect().await;
+    let jobs = manifest
+        .layers()
+        .iter()
+        .cloned()
+        .enumerate()
+        .zip(actions.iter().copied())
+        .map(|((i, layer), action)| {
+            let ctx = Arc::clone(ctx);
+            let image_name = image_name.clone();
+            async move {
+                let digest = layer.digest().to_string();
+                let handle = tokio::spawn(async move { process_layer(&ctx, &layer, action, i).await });
+                let res = match handle.await {
+                    Ok(r) => r,
+                    Err(e) => Err(Error::Image(format!("layer task failed: {e}"))),
+                };
+                res.map_err(|e| match e {
+                    e @ Error::Layer { .. } => e,
+                    e => Error::Layer {
+                        image: image_name,
+                        index: i,
+                        digest,
+                        source: Box::new(e),
+                    },
+                })
+            }
+        });
+    let results: Vec<Result<Descriptor, Error>> = futures::stream::iter(jobs)
+        .buffered(ctx.concurrency)
+        .collect()
+        .await;
     let mut new_layers = Vec::with_capacity(count);
     let mut reports = Vec::new();
     for ((res, old), action) in results.into_iter().zip(manifest.layers()).zip(&actions) {
@@ -411,8 +420,11 @@ async fn copy_blob(ctx: &Ctx, desc: &Descriptor) -> Result<(), Error> {
     if ctx.dst.has_blob(desc).await? {
         return Ok(());
     }
-    let mut r = ctx.src.open_blob(desc).await?;
-    let (digest, _) = ctx.dst.write_blob(desc.media_type().as_ref(), Some(desc.size()), &mut r).await?;
+    let chunks = ctx.src.open_blob_chunks(desc, ChunkPool::standard()).await?;
+    let (digest, _) = ctx
+        .dst
+        .write_blob_chunks(desc.media_type().as_ref(), Some(desc.size()), chunks)
+        .await?;
     if digest != desc.digest().to_string() {
         return Err(Error::DigestMismatch {
             what: format!("copy of {}", desc.digest()),
@@ -442,9 +454,18 @@ fn without_enc(desc: &Descriptor) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index: usize) -> Result<Descriptor, Error> {
+async fn process_layer(
+    ctx: &Arc<Ctx>,
+    layer: &Descriptor,
+    action: Action,
+    index: usize,
+) -> Result<Descriptor, Error> {
     let id = format!("{}", layer.digest());
-    let short = id.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+    let short = id
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(12)
+        .collect::<String>();
     match action {
         Action::Keep => {
             ctx.progress.start(&short, layer.size(), "copy");
@@ -460,17 +481,28 @@ async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index
             ctx.progress.start(&short, layer.size(), "encrypt");
             let key = LayerKey::generate();
             let nonce = Nonce::generate();
-            // Three stages on their own tasks: source read + digest check | CTR + HMAC |
-            // destination digest + write.
-            let src = ctx.src.open_blob(layer).await?;
-            let counted = Counted::new(src, Arc::clone(&ctx.progress), short.clone());
-            let (plain, _) = pipeline::spawn(counted, pipeline::CHUNK, pipeline::DEPTH);
-            let enc = cipher::tokio::EncryptReader::new(plain, &key, &nonce);
-            let (mut cipher_stream, enc_task) = pipeline::spawn(enc, pipeline::CHUNK, pipeline::DEPTH);
-            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut cipher_stream).await?;
-            drop(cipher_stream);
-            let enc = enc_task.await.map_err(|e| Error::Image(format!("encrypt task failed: {e}")))?;
-            let (_, mac) = enc.finish()?;
+            // Three stages on their own threads, handing owned chunks along: source read +
+            // digest check | CTR + HMAC in place | destination digest + write.
+            let pool = ChunkPool::standard();
+            let plain = ctx.src.open_blob_chunks(layer, pool.clone()).await?;
+            let (tx, cipher_stream) = pipeline::chunk_channel(pipeline::DEPTH, pool);
+            let mut enc = cipher::LayerEncryptor::new(&key, &nonce);
+            let progress = Arc::clone(&ctx.progress);
+            let id = short.clone();
+            let enc_task = tokio::task::spawn_blocking(move || {
+                let tx = cipher_stage(plain, tx, &*progress, &id, |c| enc.update(c))?;
+                tx.blocking_finish();
+                Some(enc.finish())
+            });
+            let written = ctx
+                .dst
+                .write_blob_chunks(&media, Some(layer.size()), cipher_stream)
+                .await;
+            let mac = enc_task
+                .await
+                .map_err(|e| Error::Image(format!("encrypt thread failed: {e}")))?;
+            let (digest, size) = written?;
+            let mac = mac.ok_or(Error::StreamNotFinished)?;
             // The source reader verified the plaintext against this digest at end-of-file, so it
             // is the digest of the bytes actually encrypted.
             let private = PrivateLayerOptions::new(&key, &nonce, layer.digest().to_string());
@@ -493,16 +525,35 @@ async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index
             let key = private.key()?;
             let nonce = public.nonce(&private)?;
             ctx.progress.start(&short, layer.size(), "decrypt");
-            let src = ctx.src.open_blob(layer).await?;
-            let counted = Counted::new(src, Arc::clone(&ctx.progress), short.clone());
-            let (cipher_stream, _) = pipeline::spawn(counted, pipeline::CHUNK, pipeline::DEPTH);
-            let dec = cipher::tokio::DecryptReader::new(cipher_stream, &key, &nonce, &public.hmac)?;
-            let (mut plain, dec_task) = pipeline::spawn(dec, pipeline::CHUNK, pipeline::DEPTH);
-            // A MAC mismatch fails the stream before its end, so the destination discards it.
-            let (digest, size) = ctx.dst.write_blob(&media, Some(layer.size()), &mut plain).await?;
-            drop(plain);
-            let dec = dec_task.await.map_err(|e| Error::Image(format!("decrypt task failed: {e}")))?;
-            if !dec.is_verified() {
+            let mut dec = cipher::LayerDecryptor::new(&key, &nonce, &public.hmac)?;
+            let pool = ChunkPool::standard();
+            let cipher_stream = ctx.src.open_blob_chunks(layer, pool.clone()).await?;
+            let (tx, plain) = pipeline::chunk_channel(pipeline::DEPTH, pool);
+            let progress = Arc::clone(&ctx.progress);
+            let id = short.clone();
+            let dec_task = tokio::task::spawn_blocking(move || {
+                let Some(tx) = cipher_stage(cipher_stream, tx, &*progress, &id, |c| dec.update(c)) else {
+                    return false;
+                };
+                // The destination publishes only after this end marker: a MAC mismatch ends the
+                // stream with an error instead, and the destination discards what it wrote.
+                match dec.verify() {
+                    Ok(()) => {
+                        tx.blocking_finish();
+                        true
+                    }
+                    Err(e) => {
+                        tx.blocking_fail(to_io(e));
+                        false
+                    }
+                }
+            });
+            let written = ctx.dst.write_blob_chunks(&media, Some(layer.size()), plain).await;
+            let verified = dec_task
+                .await
+                .map_err(|e| Error::Image(format!("decrypt thread failed: {e}")))?;
+            let (digest, size) = written?;
+            if !verified {
                 return Err(Error::AuthenticationFailed);
             }
             let mut d = super::layout::descriptor(&media, &digest, size)?;
@@ -550,31 +601,31 @@ async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action, index
     }
 }
 
-/// Counts bytes for progress reporting.
-struct Counted {
-    inner: super::BlobReader,
-    progress: Arc<dyn Progress>,
-    id: String,
-}
-
-impl Counted {
-    fn new(inner: super::BlobReader, progress: Arc<dyn Progress>, id: String) -> Self {
-        Self { inner, progress, id }
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = self.inner.as_mut().poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            let n = (buf.filled().len() - before) as u64;
-            if n > 0 {
-                self.progress.advance(&self.id, n);
+/// The cipher stage of a layer, on a blocking thread: applies `f` to each chunk of `input` in
+/// place and passes it on to `output`, reporting progress. Returns `output` when `input` ended
+/// cleanly, for the caller to end it; on an error in `input` it forwards the error to `output`
+/// and returns `None`, as it does when `output`'s receiver is gone.
+fn cipher_stage(
+    mut input: ChunkReceiver,
+    output: ChunkSender,
+    progress: &dyn Progress,
+    id: &str,
+    mut f: impl FnMut(&mut [u8]),
+) -> Option<ChunkSender> {
+    while let Some(chunk) = input.blocking_recv() {
+        match chunk {
+            Ok(mut c) => {
+                f(&mut c);
+                progress.advance(id, c.len() as u64);
+                output.blocking_send(c).ok()?;
+            }
+            Err(e) => {
+                output.blocking_fail(e);
+                return None;
             }
         }
-        r
     }
+    Some(output)
 }
 
 /// One wrapped-key scheme on a layer.
@@ -639,7 +690,9 @@ fn count_jwe_recipients(value: &str) -> Option<usize> {
     Some(total)
 }
 
-async fn manifests_of(src: &dyn ImageSource) -> Result<(Descriptor, Vec<(Descriptor, ImageManifest)>), Error> {
+async fn manifests_of(
+    src: &dyn ImageSource,
+) -> Result<(Descriptor, Vec<(Descriptor, ImageManifest)>), Error> {
     let root = src.root().await?;
     let bytes = src.read_small(&root).await?;
     let mut out = Vec::new();
