@@ -64,6 +64,8 @@ pub struct AgentOptions {
     pub once: bool,
     /// In `once` mode: attempts per unwrap before giving up on a transient failure.
     pub once_max_attempts: u32,
+    /// In `once` mode: give up after this long (the API server may be unreachable).
+    pub once_timeout: Duration,
 }
 
 impl AgentOptions {
@@ -82,6 +84,7 @@ impl AgentOptions {
             instance: "keysync-agent".into(),
             once: false,
             once_max_attempts: 3,
+            once_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -277,6 +280,16 @@ impl Runner {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = shutdown.fuse();
         tokio::pin!(shutdown);
+        let once_deadline = tokio::time::Instant::now() + self.opts.once_timeout;
+        let once = self.opts.once;
+        let once_timer = async move {
+            if once {
+                tokio::time::sleep_until(once_deadline).await;
+            } else {
+                futures::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(once_timer);
         let mut dirty = false;
         loop {
             let next_retry = self.next_retry();
@@ -284,6 +297,14 @@ impl Runner {
                 biased;
                 () = &mut shutdown => {
                     tracing::info!("shutting down; files stay in place");
+                    break;
+                }
+                () = &mut once_timer => {
+                    tracing::error!(
+                        timeout_s = self.opts.once_timeout.as_secs(),
+                        synced = self.initialized,
+                        "--once did not finish in time; files stay as they are"
+                    );
                     break;
                 }
                 ev = stream.next() => match ev {

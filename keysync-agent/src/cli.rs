@@ -37,6 +37,9 @@ pub struct Args {
     /// Sync once and exit (exit status 2 when some Secrets could not be synced).
     #[arg(long, conflicts_with = "cleanup")]
     pub once: bool,
+    /// With --once: give up after this long (exit status 2).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub once_timeout: Duration,
     /// Remove everything the agent wrote (its subtree of every target directory) and exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -157,6 +160,7 @@ impl Args {
         o.events = !self.no_events;
         o.instance = self.node_name.clone();
         o.once = self.once;
+        o.once_timeout = self.once_timeout;
         Ok(o)
     }
 

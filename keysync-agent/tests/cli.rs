@@ -80,6 +80,33 @@ async fn once_syncs_and_reports_through_the_exit_status() {
     assert_eq!(event_reasons(&standin, "bad"), vec!["InvalidKey"]);
     assert_no_key_material(&logs);
 
+    // An API server that never answers: --once gives up in time, files untouched.
+    standin.set_stalled(true);
+    let started = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .args([
+            "--server",
+            &standin.base_url(),
+            "--namespace",
+            NS,
+            "--listen",
+            "off",
+            "--once",
+        ])
+        .args(["--target-dir", dir.to_str().unwrap(), "--once-timeout", "1s"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not finish in time"));
+    assert_eq!(all_files(&dir), vec!["good/k.pem"]);
+    standin.set_stalled(false);
+
     // --cleanup removes the subtree; a foreign directory is refused.
     let out = Command::new(BIN)
         .args(["--cleanup", "--target-dir", dir.to_str().unwrap()])
