@@ -8,6 +8,10 @@ IMGCRYPT_DEBIAN_PACKAGES=(
   pkg-config libssl-dev
   # interop and registry tests
   skopeo docker-registry openssl
+  # independent JWE check (python cryptography) and PGP keyring detection tests
+  python3 python3-cryptography gpg
+  # benchmarks: /usr/bin/time for peak RSS
+  time
   # runtime end to end (containerd stream processor)
   containerd runc busybox-static
   # layers

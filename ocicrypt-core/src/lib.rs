@@ -17,7 +17,7 @@
 //! * [`fsutil`]: atomic, synced file writes.
 //!
 //! ## Crate features
-//! * `jwe` (default): JWE key wrapping and key parsing (josekit, OpenSSL).
+//! * `jwe` (default): JWE key wrapping and key parsing (OpenSSL).
 //! * `tokio`: `AsyncRead` adapters for the layer cipher.
 //! * `image` (default, implies `tokio`): image operations.
 //!
@@ -46,10 +46,10 @@
 pub mod cipher;
 mod error;
 pub mod fsutil;
-#[cfg(feature = "jwe")]
-pub mod jwe;
 #[cfg(feature = "image")]
 pub mod image;
+#[cfg(feature = "jwe")]
+pub mod jwe;
 pub mod keyprovider;
 pub mod keys;
 pub mod keywrap;

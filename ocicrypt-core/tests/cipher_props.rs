@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use aes::cipher::{KeyIvInit, StreamCipher};
 use hmac::{Hmac, Mac};
 use ocicrypt_core::cipher::io::{crate_error, DecryptReader, DecryptWriter, EncryptReader, EncryptWriter};
-use ocicrypt_core::cipher::{decrypt_in_place, encrypt_in_place, LayerDecryptor, LayerEncryptor, LayerKey, Nonce};
+use ocicrypt_core::cipher::{
+    decrypt_in_place, encrypt_in_place, LayerDecryptor, LayerEncryptor, LayerKey, Nonce,
+};
 use ocicrypt_core::Error;
 use proptest::prelude::*;
 use tokio::io::AsyncReadExt;
@@ -166,13 +168,20 @@ fn decrypt_to_path_publishes_only_verified_plaintext() {
 
     let mut bad = ct.clone();
     *bad.last_mut().unwrap() ^= 1;
-    let e = ocicrypt_core::cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest).unwrap_err();
+    let e = ocicrypt_core::cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest)
+        .unwrap_err();
     assert!(matches!(e, Error::AuthenticationFailed), "{e:?}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
 
     // An existing file at the destination survives a failed decrypt.
     std::fs::write(&dest, b"old").unwrap();
-    assert!(ocicrypt_core::cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest).is_err());
+    assert!(
+        ocicrypt_core::cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest).is_err()
+    );
     assert_eq!(std::fs::read(&dest).unwrap(), b"old");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
