@@ -41,6 +41,8 @@ const MAX_SMALL: u64 = 32 << 20;
 const CHUNK: usize = 256 << 10;
 /// Chunks buffered between the producer and the HTTP body.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// Attempts per request when the registry is unreachable or answers 429/502/503/504.
+const ATTEMPTS: u32 = 3;
 /// A request that makes no progress for this long fails.
 const STALL: Duration = Duration::from_secs(120);
 
@@ -215,6 +217,31 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
+fn is_transient(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// `Retry-After` in seconds, if given.
+fn retry_after(r: &Response) -> Option<Duration> {
+    r.headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// 250 ms, 500 ms, … or what the registry asked for; never more than 5 s.
+fn backoff(attempt: u32, asked: Option<Duration>) -> Duration {
+    let d = asked.unwrap_or(Duration::from_millis(250 << (attempt - 1).min(4)));
+    d.min(Duration::from_secs(5))
+}
+
 fn is_manifest_type(media: &str) -> bool {
     matches!(
         media,
@@ -312,12 +339,11 @@ impl RegistryImage {
     }
 
     /// Sends a request built by `build`, answering one authentication challenge.
+    /// Sends a request built by `build`, answering one authentication challenge, and retrying
+    /// (at most [`ATTEMPTS`] times in all, with a short backoff) when the connection cannot be
+    /// made or the registry answers 429, 502, 503 or 504.
     async fn send(&self, build: impl Fn(&Client) -> RequestBuilder) -> Result<Response, RegistryError> {
-        let resp = self
-            .with_auth(build(&self.client))
-            .send()
-            .await
-            .map_err(|e| self.net(&e))?;
+        let resp = self.send_retrying(&build).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -327,15 +353,34 @@ impl RegistryImage {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         self.authenticate(challenge.as_deref()).await?;
-        let resp = self
-            .with_auth(build(&self.client))
-            .send()
-            .await
-            .map_err(|e| self.net(&e))?;
+        let resp = self.send_retrying(&build).await?;
         if matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             return Err(self.refused(resp.status()));
         }
         Ok(resp)
+    }
+
+    async fn send_retrying(
+        &self,
+        build: &impl Fn(&Client) -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
+        let mut attempt = 1;
+        loop {
+            let result = self.with_auth(build(&self.client)).send().await;
+            let delay = match &result {
+                Err(e) if e.is_connect() => Some(backoff(attempt, None)),
+                Ok(r) if is_transient(r.status()) => Some(backoff(attempt, retry_after(r))),
+                _ => None,
+            };
+            match delay {
+                Some(d) if attempt < ATTEMPTS => {
+                    tracing::debug!("registry {}: transient failure, retrying in {d:?}", self.host());
+                    tokio::time::sleep(d).await;
+                    attempt += 1;
+                }
+                _ => return result.map_err(|e| self.net(&e)),
+            }
+        }
     }
 
     fn refused(&self, status: StatusCode) -> RegistryError {

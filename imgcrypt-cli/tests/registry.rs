@@ -441,3 +441,69 @@ fn docker_schema2_source_registry_to_registry_and_digest_references() {
     ]);
     assert_eq!(layer_blobs(&out, "v1"), layer_blobs(&src, "v1"));
 }
+
+/// A TCP front for `target` on loopback that answers the first `fail_first` connections with
+/// `503 Service Unavailable` and pipes the others through.
+fn flaky_front(target: &str, fail_first: usize) -> String {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let target = target.to_owned();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut client) = conn else { break };
+            if n < fail_first {
+                let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && client.read(&mut b).map(|r| r == 1).unwrap_or(false) {
+                    head.push(b[0]);
+                }
+                let _ = client.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            let Ok(upstream) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            let mut upstream = upstream;
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut client, &mut upstream);
+                let _ = upstream.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn transient_registry_failures_are_retried_a_bounded_number_of_times() {
+    if !tools() {
+        return;
+    }
+    let reg = Registry::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    write_image(&src, "v1", &[LayerSpec::random(1000, 61, Compression::Gzip)]);
+    skopeo_ok(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &oci(&src, "v1"),
+        &reg.image("flaky/app:v1"),
+    ]);
+    // Two 503s, then the registry: the third attempt succeeds.
+    let front = flaky_front(&reg.addr, 2);
+    imgcrypt(&[NO_TLS, "inspect", &format!("docker://{front}/flaky/app:v1")]).ok();
+    // Always 503: a network failure after the bounded attempts.
+    let front = flaky_front(&reg.addr, usize::MAX);
+    imgcrypt(&[NO_TLS, "inspect", &format!("docker://{front}/flaky/app:v1")])
+        .expect_code(9)
+        .stderr_has(&["503"]);
+}
