@@ -96,8 +96,16 @@ async fn wrap_unwrap_roundtrip_with_and_without_aad() {
         b"x"
     );
 
-    // One token for all of that.
+    // One token for all of that, and one pooled connection (IAM and Key Protect share the
+    // host here) for every request.
     assert_eq!(emu.count(Op::Token), 1);
+    assert_eq!(
+        emu.connections(),
+        1,
+        "{} requests over {} connections",
+        emu.requests().len(),
+        emu.connections()
+    );
 }
 
 #[tokio::test]

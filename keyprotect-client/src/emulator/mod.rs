@@ -237,6 +237,7 @@ pub(crate) struct State {
     pub token_ttl: Duration,
     pub in_flight: u64,
     pub max_in_flight: u64,
+    pub connections: u64,
 }
 
 pub(crate) struct Shared {
@@ -311,6 +312,7 @@ impl Emulator {
                 token_ttl: config.token_ttl,
                 in_flight: 0,
                 max_in_flight: 0,
+                connections: 0,
             }),
             config,
         });
@@ -370,6 +372,7 @@ impl Emulator {
                 token_ttl: config.token_ttl,
                 in_flight: 0,
                 max_in_flight: 0,
+                connections: 0,
             }),
             config,
         });
@@ -607,6 +610,11 @@ impl EmulatorHandle {
     /// Every request seen (capped at 100 000 entries).
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.lock().log.clone()
+    }
+
+    /// TCP connections accepted since the start (a client that pools connections opens few).
+    pub fn connections(&self) -> u64 {
+        self.shared.lock().connections
     }
 
     /// The most requests that were being served at the same time (since the last reset).

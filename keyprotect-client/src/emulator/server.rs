@@ -46,6 +46,7 @@ pub(super) async fn serve(
             _ = &mut stop => break,
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
+                    shared.lock().connections += 1;
                     let sh = shared.clone();
                     let tls = tls.clone();
                     conns.spawn(async move {
