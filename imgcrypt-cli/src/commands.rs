@@ -170,9 +170,11 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         .await
         .map_err(|e| {
             let mut c = from_core(&e, &keyctx);
-            if !c.message.contains("nothing was written") {
-                c.message.push_str(&format!("; nothing was written to {}", t.dst));
-            }
+            let left = match &t.dst {
+                ImageRef::Layout { .. } => format!("nothing was written to {}", t.dst),
+                ImageRef::Registry(_) => format!("no tag was pushed to {}", t.dst),
+            };
+            c.message.push_str(&format!("; {left}"));
             c
         })?;
     if ctx.output.json {

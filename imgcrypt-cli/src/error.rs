@@ -235,12 +235,12 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
     match root {
         CoreError::AuthenticationFailed => CliError::new(
             ErrorKind::TamperedLayer,
-            format!("{what} failed verification: its data does not match the MAC recorded when it was encrypted (the layer was tampered with or corrupted); nothing was written"),
+            format!("{what} failed verification: its data does not match the MAC recorded when it was encrypted (the layer was tampered with or corrupted)"),
         )
         .hint("do not use this image; fetch it again from a trusted source"),
         CoreError::DigestMismatch { what: blob, expected, actual } => CliError::new(
             ErrorKind::TamperedLayer,
-            format!("{what}: digest mismatch for {blob}: expected {expected}, got {actual} (the data was tampered with or corrupted); nothing was written"),
+            format!("{what}: digest mismatch for {blob}: expected {expected}, got {actual} (the data was tampered with or corrupted)"),
         )
         .hint("do not use this image; fetch it again from a trusted source"),
         CoreError::NoKeyForScheme { schemes } => CliError::new(

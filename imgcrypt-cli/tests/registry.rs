@@ -316,7 +316,7 @@ fn tampered_layer_in_the_registry_pushes_nothing() {
         &out,
     ])
     .expect_code(5)
-    .stderr_has(&["MAC", "tampered", "nothing was written"]);
+    .stderr_has(&["MAC", "tampered", &format!("no tag was pushed to {out}")]);
     imgcrypt(&[NO_TLS, "inspect", &out]).expect_code(7);
 }
 
