@@ -73,6 +73,27 @@ impl KeyProtectConfig {
             apikey: SecretString::from(apikey.into()),
             iam_url,
         }
+        .trimmed()
+    }
+
+    /// Surrounding whitespace (a trailing newline from `kubectl create secret --from-file`,
+    /// an `echo` without `-n`) is not part of any field.
+    fn trimmed(self) -> Self {
+        let key = self.apikey.expose_secret();
+        let apikey = if key.trim() == key {
+            self.apikey.clone()
+        } else {
+            SecretString::from(key.trim().to_owned())
+        };
+        Self {
+            url: self.url.trim().to_owned(),
+            instance_id: self.instance_id.trim().to_owned(),
+            apikey,
+            iam_url: self
+                .iam_url
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty()),
+        }
     }
 
     /// Parses the add-on's `config.json` and validates it.
@@ -91,6 +112,7 @@ impl KeyProtectConfig {
                 e.column()
             ))
         })?;
+        let c = c.trimmed();
         c.validate()?;
         Ok(c)
     }
