@@ -119,13 +119,17 @@ fn encrypt_and_push(layout: &Path, tag: &str, public_key: &Path, dest: &str) {
     );
 }
 
-/// Runs the agent once (`--once`): syncs every Secret and exits.
-fn agent_once(agent: &Path, server: &str, target: &Path) {
-    let out = run_bounded(
-        {
-            let mut c = Command::new(agent);
-            c.args([
-                "--once",
+/// `keysync-agent` watching the stand-in's Secrets and writing into `target`; killed on drop.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(bin: &Path, server: &str, target: &Path, log: PathBuf) -> Self {
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args([
                 "--listen",
                 "off",
                 "--log-format",
@@ -137,17 +141,40 @@ fn agent_once(agent: &Path, server: &str, target: &Path) {
             ])
             .args(["--server", server])
             .arg("--target-dir")
-            .arg(target);
-            c
-        },
-        Duration::from_secs(120),
-    );
-    assert!(
-        out.status.success(),
-        "keysync-agent --once: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+            .arg(target)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("start keysync-agent");
+        Agent { child, log }
+    }
+
+    /// Waits (at most 60 s) until `cond` holds, failing with the agent's log.
+    fn wait_for(&mut self, what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "keysync-agent exited ({status}):\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keysync-agent: {what} did not happen within 60 s:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Flips one byte in the middle of layer 0 of `layout:tag` (an encrypted image) and rewrites the
@@ -353,7 +380,7 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
     if let Err(why) = prerequisites() {
         return skip_or_fail(&why);
     }
-    let (agent, kp_bin) = match (workspace_bin("keysync-agent"), workspace_bin("kp-emulator")) {
+    let (agent_bin, kp_bin) = match (workspace_bin("keysync-agent"), workspace_bin("kp-emulator")) {
         (Ok(a), Ok(k)) => (a, k),
         (Err(why), _) | (_, Err(why)) => return skip_or_fail(&why),
     };
@@ -405,6 +432,7 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
     ]);
 
     let ctrd = Containerd::start(Path::new(DECODER), &keys, &registry.addr);
+    let mut agent = Agent::start(&agent_bin, &server, &synced, work.path().join("agent.log"));
 
     // 1. No key on the node: the pull fails with the decoder's message.
     assert_pull_fails(&ctrd, &image_a, "no private key to decrypt layer");
@@ -414,9 +442,8 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
     standin
         .create_secret(secret(NS, "image-key", "key", &[("image.pem", &pem)]))
         .unwrap();
-    agent_once(&agent, &server, &synced);
+    agent.wait_for("the key file", || files_under(&keys).len() == 1);
     let files = files_under(&keys);
-    assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(std::fs::read(&files[0]).unwrap(), pem);
     let image_ref = ctrd
         .pull_image(&image_a)
@@ -435,8 +462,7 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
     //    was never unpacked here; image A's snapshots are removed first, since containerd reuses
     //    unpacked layers without decrypting them again).
     assert!(standin.delete_secret(NS, "image-key"));
-    agent_once(&agent, &server, &synced);
-    assert!(files_under(&keys).is_empty(), "{:?}", files_under(&keys));
+    agent.wait_for("the key file removal", || files_under(&keys).is_empty());
     assert_pull_fails(&ctrd, &image_b, "no private key to decrypt layer");
     ctrd.remove_all_images();
     assert_pull_fails(&ctrd, &image_a, "no private key to decrypt layer");
@@ -464,9 +490,8 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
             ],
         ))
         .unwrap();
-    agent_once(&agent, &server, &synced);
+    agent.wait_for("the unwrapped key file", || files_under(&keys).len() == 1);
     let files = files_under(&keys);
-    assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(std::fs::read(&files[0]).unwrap(), pem, "the unwrapped key");
     ctrd.pull_image(&image_b)
         .unwrap_or_else(|e| panic!("pull with the kp-key: {e}\n{}", tail(&ctrd.log_text(), 20)));
@@ -474,8 +499,7 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
 
     // 5. Deleting the kp-key Secret removes the key; a fresh pull fails again.
     assert!(standin.delete_secret(NS, "image-kp-key"));
-    agent_once(&agent, &server, &synced);
-    assert!(files_under(&keys).is_empty(), "{:?}", files_under(&keys));
+    agent.wait_for("the key file removal", || files_under(&keys).is_empty());
     ctrd.remove_all_images();
     assert_pull_fails(&ctrd, &image_b, "no private key to decrypt layer");
 
