@@ -761,6 +761,92 @@ impl KeyUnwrapper for KeyProviderUnwrapper {
     }
 }
 
+/// Runs a blocking key provider on tokio's blocking pool, so a provider command never occupies
+/// an async worker thread (outside a tokio runtime it runs inline).
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct OnBlockingPool<T>(std::sync::Arc<T>);
+
+#[cfg(feature = "tokio")]
+impl KeyProviderWrapper {
+    /// This wrapper as an [`AsyncKeyWrapper`](crate::AsyncKeyWrapper) running on tokio's
+    /// blocking pool.
+    pub fn into_async(self) -> std::sync::Arc<dyn crate::AsyncKeyWrapper> {
+        std::sync::Arc::new(OnBlockingPool(std::sync::Arc::new(self)))
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl KeyProviderUnwrapper {
+    /// This unwrapper as an [`AsyncKeyUnwrapper`](crate::AsyncKeyUnwrapper) running on
+    /// tokio's blocking pool.
+    pub fn into_async(self) -> std::sync::Arc<dyn crate::AsyncKeyUnwrapper> {
+        std::sync::Arc::new(OnBlockingPool(std::sync::Arc::new(self)))
+    }
+}
+
+#[cfg(feature = "tokio")]
+fn on_pool<T, R>(
+    inner: &std::sync::Arc<T>,
+    f: impl FnOnce(&T) -> R + Send + 'static,
+) -> crate::keywrap::BoxFuture<'static, Option<R>>
+where
+    T: Send + Sync + 'static,
+    R: Send + 'static,
+{
+    let inner = inner.clone();
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => Box::pin(async move { h.spawn_blocking(move || f(&inner)).await.ok() }),
+        Err(_) => Box::pin(std::future::ready(Some(f(&inner)))),
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl crate::AsyncKeyWrapper for OnBlockingPool<KeyProviderWrapper> {
+    fn scheme(&self) -> &str {
+        &self.0.scheme
+    }
+    fn wrap_keys<'a>(
+        &'a self,
+        optsdata: &'a [u8],
+    ) -> crate::keywrap::BoxFuture<'a, Result<Vec<u8>, WrapError>> {
+        let data = Zeroizing::new(optsdata.to_vec());
+        let fut = on_pool(&self.0, move |w| KeyWrapper::wrap_keys(w, &data));
+        let name = self.0.provider.name.clone();
+        Box::pin(async move {
+            fut.await.unwrap_or_else(|| {
+                Err(WrapError::Backend {
+                    context: format!("key provider {name} wrap"),
+                    source: "the blocking task failed".into(),
+                })
+            })
+        })
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl crate::AsyncKeyUnwrapper for OnBlockingPool<KeyProviderUnwrapper> {
+    fn scheme(&self) -> &str {
+        &self.0.scheme
+    }
+    fn unwrap_key<'a>(
+        &'a self,
+        blob: &'a [u8],
+    ) -> crate::keywrap::BoxFuture<'a, Result<Zeroizing<Vec<u8>>, UnwrapError>> {
+        let blob = blob.to_vec();
+        let fut = on_pool(&self.0, move |u| KeyUnwrapper::unwrap_key(u, &blob));
+        let name = self.0.provider.name.clone();
+        Box::pin(async move {
+            fut.await.unwrap_or_else(|| {
+                Err(UnwrapError::Backend {
+                    context: format!("key provider {name} unwrap"),
+                    source: "the blocking task failed".into(),
+                })
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,6 +898,27 @@ mod tests {
         assert!(KeyProviderConfig::from_json(br#"{"key-providers":{"x":{}}}"#).is_err());
         assert!(KeyProviderConfig::from_json(br#"{"key-providers":{"x":{"cmd":{"path":""}}}}"#).is_err());
         assert!(KeyProviderConfig::from_json(b"[").is_err());
+    }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn async_adapters_run_the_command_off_the_runtime() {
+        // A provider answering a fixed wrap result, via printf (no JSON tooling needed).
+        let ans = r#"{"keywrapresults":{"annotation":"YmxvYg=="}}"#;
+        let p = CommandProvider::new(
+            "p",
+            "/bin/sh",
+            vec!["-c".into(), format!("cat >/dev/null; printf '%s' '{ans}'")],
+        );
+        let w = KeyProviderWrapper::new(p.clone(), vec![]).into_async();
+        assert_eq!(w.scheme(), "provider.p");
+        assert_eq!(w.wrap_keys(b"{}").await.unwrap(), b"blob");
+        let u = KeyProviderUnwrapper::new(p).into_async();
+        let e = u.unwrap_key(b"blob").await.unwrap_err();
+        assert!(
+            crate::keywrap::error_chain(&e).contains("optsdata is missing"),
+            "{e}"
+        );
     }
 
     #[test]
