@@ -86,13 +86,17 @@ async fn stalled_watch_fails_liveness_then_recovers() {
     let mut o = options(vec![dir.clone()]);
     o.stall_timeout = Duration::from_millis(1500);
     o.resync_interval = Duration::from_millis(500);
+    // Not ready until the first list completes (held back here by a stalled server).
+    standin.set_stalled(true);
     let agent = start(&standin, o);
     let probes = serve_probes(&agent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         http_get(probes, "/readyz").await.0,
         503,
         "not ready before the first sync"
     );
+    standin.set_stalled(false);
     standin
         .create_secret(secret("s1", "key", &[("k.pem", &key("rsa.pem"))]))
         .unwrap();
