@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Environment variables read by the command line.
 pub struct EnvVars;
@@ -53,6 +55,23 @@ pub struct Cli {
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Parses arguments (the first is the program name); every subcommand's `--help` ends with the
+/// EXIT CODES section too.
+///
+/// # Errors
+/// clap's usage error (or the `--help`/`--version` "error").
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    fn with_codes(c: clap::Command) -> clap::Command {
+        c.mut_subcommands(|s| with_codes(s.after_help(crate::error::exit_codes_help())))
+    }
+    let matches = with_codes(Cli::command()).try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
 }
 
 fn after_help() -> String {

@@ -12,8 +12,6 @@ use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
-
 pub mod auth;
 pub mod cli;
 pub mod commands;
@@ -42,7 +40,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match cli::Cli::try_parse_from(args) {
+    let cli = match cli::parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -86,7 +84,7 @@ where
 /// The step's [`CliError`].
 pub async fn run_step(args: &[String], ctx: &mut commands::Ctx<'_>) -> Result<(), CliError> {
     let argv = std::iter::once("imgcrypt".to_owned()).chain(args.iter().cloned());
-    let cli = cli::Cli::try_parse_from(argv).map_err(|e| CliError::usage(e.to_string()))?;
+    let cli = cli::parse_from(argv).map_err(|e| CliError::usage(e.to_string()))?;
     let (cfg, output) = config::Config::from_cli(cli)?;
     let saved = ctx.output;
     ctx.output = config::Output {

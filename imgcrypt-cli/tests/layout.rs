@@ -503,7 +503,10 @@ fn help_lists_exit_codes_and_aliases() {
     ]);
     imgcrypt(&["encrypt", "--help"])
         .ok()
-        .stdout_has(&["--recipient", "--layer"]);
+        .stdout_has(&["--recipient", "--layer", "EXIT CODES"]);
+    imgcrypt(&["recipients", "remove", "--help"])
+        .ok()
+        .stdout_has(&["decrypt and encrypt again", "EXIT CODES"]);
 }
 
 #[test]
