@@ -71,11 +71,8 @@ async fn keyprovider_binary_through_ocicrypt_keyprovider_config() {
     assert_eq!(emu.successes(Op::Wrap), 1);
 
     // Decrypt side through the provider.
-    let u: Vec<Arc<dyn AsyncKeyUnwrapper>> = cfg
-        .unwrappers()
-        .into_iter()
-        .map(|u| Arc::new(u) as Arc<dyn AsyncKeyUnwrapper>)
-        .collect();
+    // (on tokio's blocking pool, as imgcrypt runs providers)
+    let u: Vec<Arc<dyn AsyncKeyUnwrapper>> = cfg.unwrappers().into_iter().map(|u| u.into_async()).collect();
     let (back, _) = unwrap_options(&ann, &u).await.unwrap();
     assert_eq!(back.digest, "sha256:0123");
     assert_eq!(back.key().unwrap().as_bytes(), key.as_bytes());
