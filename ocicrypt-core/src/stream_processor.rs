@@ -627,6 +627,7 @@ impl KeySet {
         }
         set.looked_in.push(match privs.len() {
             0 => "the pull request carried no keys".to_owned(),
+            1 => "the pull request carried 1 key".to_owned(),
             n => format!("the pull request carried {n} keys"),
         });
         if let Some(dir) = keys_path {
