@@ -712,3 +712,55 @@ fn key_provider_command() {
     .expect_code(3)
     .stderr_has(&["missing key", "provider.pyprov", "OCICRYPT_KEYPROVIDER_CONFIG"]);
 }
+
+#[test]
+fn progress_bars_only_on_a_terminal() {
+    let v = vectors();
+    let t = tempfile::tempdir().unwrap();
+    let pubkey = format!("jwe:{}", v.join("keys/rsa.pub.pem").display());
+    let src = oci(&v.join("layouts/src"), "v1");
+    // Not a terminal: no progress output at all.
+    let r = imgcrypt(&[
+        "encrypt",
+        "--recipient",
+        &pubkey,
+        &src,
+        &oci(&t.path().join("a"), "v1"),
+    ]);
+    r.ok();
+    assert!(
+        r.stderr.is_empty(),
+        "progress output without a terminal: {:?}",
+        r.stderr
+    );
+    // On a terminal (util-linux `script` gives it a pty): a bar per layer with bytes and rate.
+    if !have_tool("script") {
+        return;
+    }
+    let cmd = format!(
+        "{} encrypt --recipient {pubkey} {src} {}",
+        env!("CARGO_BIN_EXE_imgcrypt"),
+        oci(&t.path().join("b"), "v1")
+    );
+    let out = std::process::Command::new("timeout")
+        .args(["120", "script", "-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("encrypt 1c1b98c9551f"), "{text}");
+    assert!(text.contains("185 B/185 B") && text.contains("B/s"), "{text}");
+    // --quiet silences the bars on a terminal too.
+    let out = std::process::Command::new("timeout")
+        .args([
+            "120",
+            "script",
+            "-qec",
+            &format!("{cmd}-quiet --quiet"),
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("B/s"));
+}
