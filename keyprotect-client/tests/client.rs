@@ -46,6 +46,7 @@ async fn wrap_unwrap_roundtrip_with_and_without_aad() {
     let u = kp.unwrap(&root.id, &w.ciphertext, None).await.unwrap();
     assert_eq!(&u.plaintext[..], secret);
     assert!(u.rewrapped.is_none());
+    assert_eq!(emu.unwraps_of(&w.ciphertext), 1);
 
     // The ciphertext is base64 of the documented JSON envelope.
     let env: serde_json::Value =

@@ -238,6 +238,7 @@ pub(crate) struct State {
     pub in_flight: u64,
     pub max_in_flight: u64,
     pub connections: u64,
+    pub unwraps_by_ciphertext: HashMap<String, u64>,
 }
 
 pub(crate) struct Shared {
@@ -313,6 +314,7 @@ impl Emulator {
                 in_flight: 0,
                 max_in_flight: 0,
                 connections: 0,
+                unwraps_by_ciphertext: HashMap::new(),
             }),
             config,
         });
@@ -373,6 +375,7 @@ impl Emulator {
                 in_flight: 0,
                 max_in_flight: 0,
                 connections: 0,
+                unwraps_by_ciphertext: HashMap::new(),
             }),
             config,
         });
@@ -612,6 +615,17 @@ impl EmulatorHandle {
         self.shared.lock().log.clone()
     }
 
+    /// Unwrap requests (any answer; injected faults excluded) that carried exactly this
+    /// ciphertext, since the last reset: "exactly one unwrap per ciphertext" checks.
+    pub fn unwraps_of(&self, ciphertext: &str) -> u64 {
+        self.shared
+            .lock()
+            .unwraps_by_ciphertext
+            .get(ciphertext.trim())
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// TCP connections accepted since the start (a client that pools connections opens few).
     pub fn connections(&self) -> u64 {
         self.shared.lock().connections
@@ -627,6 +641,7 @@ impl EmulatorHandle {
         let mut s = self.shared.lock();
         s.counts.clear();
         s.log.clear();
+        s.unwraps_by_ciphertext.clear();
         s.max_in_flight = s.in_flight;
     }
 }

@@ -915,6 +915,11 @@ fn key_op(sh: &Shared, op: Op, key: &str, body: &[u8], prefer_repr: bool) -> Res
     let instance = sh.config.instance_id.clone();
     let limit = sh.config.max_plaintext_b64;
     let mut s = sh.lock();
+    if op == Op::Unwrap {
+        if let Some(ct) = ab.ciphertext.as_deref() {
+            *s.unwraps_by_ciphertext.entry(ct.trim().to_owned()).or_default() += 1;
+        }
+    }
     let Some(k) = find_key(&mut s, key) else {
         return not_found();
     };
