@@ -247,7 +247,9 @@ struct Runner {
     validation: ValidationCache,
     tasks: JoinSet<UnwrapDone>,
     permits: Arc<Semaphore>,
-    reported: BTreeSet<(Problem, Option<String>)>,
+    /// Problems already reported: (Secret, entry, reason, Secret version). The message is left
+    /// out, since Key Protect errors carry a new correlation id on every attempt.
+    reported: BTreeSet<(String, Option<String>, ProblemReason, Option<String>)>,
     events: Option<EventSink>,
     summary: RunSummary,
 }
@@ -604,12 +606,18 @@ impl Runner {
         Ok(())
     }
 
-    /// Logs and posts Events for problems not reported before for this Secret version.
+    /// Logs and posts Events for problems not reported before for this Secret version (a problem
+    /// that went away and comes back is reported again).
     fn report(&mut self, problems: &[Problem]) {
         let mut current = BTreeSet::new();
         for p in problems {
             let rec = self.secrets.get(&p.secret);
-            let key = (p.clone(), rec.and_then(|r| r.resource_version.clone()));
+            let key = (
+                p.secret.clone(),
+                p.entry.clone(),
+                p.reason,
+                rec.and_then(|r| r.resource_version.clone()),
+            );
             if !self.reported.contains(&key) {
                 tracing::warn!(
                     secret = %p.secret,

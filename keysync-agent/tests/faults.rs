@@ -202,7 +202,13 @@ async fn key_protect_failures_keep_files_and_recover() {
         (Fault::Slow(Duration::from_secs(4)), "timeout", &rsa),
     ];
     let mut expected = key("rsa.pem");
-    for (fault, label, ciphertext) in cases {
+    let kp_events = |s: &KubeStandin| {
+        event_reasons(s, "k")
+            .iter()
+            .filter(|r| *r == "KeyProtectError")
+            .count()
+    };
+    for (i, (fault, label, ciphertext)) in cases.into_iter().enumerate() {
         let before = emu.count(Op::Unwrap);
         emu.inject(Some(Op::Unwrap), fault, 2);
         set_data(
@@ -235,6 +241,14 @@ async fn key_protect_failures_keep_files_and_recover() {
             "two failed attempts, then one that worked"
         );
         assert_eq!(emu.pending_faults(), 0);
+        // Two failed attempts of one Secret version: one Event, not one per attempt.
+        wait_for("the Event", WAIT, || kp_events(&standin) >= i + 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            kp_events(&standin),
+            i + 1,
+            "one Event per Secret version during {label}"
+        );
     }
 
     // A wrong API key in the config: permanent, reported, the file stays; fixing it recovers.
