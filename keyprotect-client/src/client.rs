@@ -16,8 +16,8 @@ use zeroize::Zeroizing;
 
 use crate::error::{is_transient_status, Operation, Reason, TransportKind};
 use crate::types::{
-    Collection, CreateKey, Key, ListKeysOptions, RewrapOutput, RewrapResponse, Rewrapped, UnwrapOutput,
-    UnwrapResponse, WrapOutput, WrapResponse,
+    Collection, CreateKey, Key, KeyVersion, ListKeysOptions, RewrapOutput, RewrapResponse, Rewrapped,
+    UnwrapOutput, UnwrapResponse, WrapOutput, WrapResponse,
 };
 use crate::{b64, Error, KeyProtectConfig};
 
@@ -408,6 +408,27 @@ impl Client {
             .call(Operation::GetKeyMetadata, Method::GET, url, Body::None)
             .await?;
         first_key(Operation::GetKeyMetadata, &a)
+    }
+
+    /// The versions of a key, newest first (`all_key_states`: also for keys that are not
+    /// active, which otherwise give 409).
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn list_key_versions(
+        &self,
+        key_id: &str,
+        all_key_states: bool,
+    ) -> Result<Vec<KeyVersion>, Error> {
+        let mut url = self.key_url(key_id, &["versions"])?;
+        if all_key_states {
+            url.set_query(Some("allKeyStates=true"));
+        }
+        let a = self
+            .call(Operation::ListKeyVersions, Method::GET, url, Body::None)
+            .await?;
+        let c: Collection<KeyVersion> = parse(Operation::ListKeyVersions, &a)?;
+        Ok(c.resources)
     }
 
     /// The key, with its payload for standard keys.

@@ -52,6 +52,8 @@ pub enum Operation {
     GetKey,
     /// Get key metadata.
     GetKeyMetadata,
+    /// List key versions.
+    ListKeyVersions,
     /// List keys.
     ListKeys,
     /// Create a key.
@@ -75,6 +77,7 @@ impl fmt::Display for Operation {
             Self::Rewrap => "rewrap",
             Self::GetKey => "get key",
             Self::GetKeyMetadata => "get key metadata",
+            Self::ListKeyVersions => "list key versions",
             Self::ListKeys => "list keys",
             Self::CreateKey => "create key",
             Self::RotateKey => "rotate key",

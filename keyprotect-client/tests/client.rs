@@ -745,3 +745,26 @@ async fn emulator_plaintext_limit() {
     assert_eq!(e.status(), Some(400));
     assert_eq!(e.reasons()[0].code, "INVALID_FIELD_ERR");
 }
+
+#[tokio::test]
+async fn key_versions() {
+    let emu = Emulator::start().unwrap();
+    let kp = client(&emu);
+    let root = kp.create_root_key("v").await.unwrap().id;
+    kp.rotate_key(&root).await.unwrap();
+    let v = kp.list_key_versions(&root, false).await.unwrap();
+    let mut want = emu.key_versions(&root);
+    want.reverse();
+    assert_eq!(
+        v.iter().map(|v| v.id.clone()).collect::<Vec<_>>(),
+        want,
+        "newest first"
+    );
+    assert!(v[0].creation_date.is_some());
+    kp.disable_key(&root).await.unwrap();
+    assert_eq!(
+        kp.list_key_versions(&root, false).await.unwrap_err().status(),
+        Some(409)
+    );
+    assert_eq!(kp.list_key_versions(&root, true).await.unwrap().len(), 2);
+}

@@ -59,6 +59,8 @@ pub enum Op {
     GetKey,
     /// Get key metadata.
     GetKeyMetadata,
+    /// List key versions.
+    ListKeyVersions,
     /// Wrap.
     Wrap,
     /// Unwrap.

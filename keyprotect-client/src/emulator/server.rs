@@ -244,6 +244,7 @@ fn classify(method: &Method, path: &str, query: Option<&str>) -> (Op, Option<Str
             }
         }
         (&Method::GET, [id, "metadata"]) => (Op::GetKeyMetadata, Some(pct_decode(id))),
+        (&Method::GET, [id, "versions"]) => (Op::ListKeyVersions, Some(pct_decode(id))),
         (&Method::POST, [id, "restore"]) => (Op::Restore, Some(pct_decode(id))),
         (&Method::POST, [id, "actions", a]) => (action_op(a), Some(pct_decode(id))),
         _ => (Op::Other, None),
@@ -430,6 +431,10 @@ fn route(
         ),
         _ => {
             let key = key.unwrap_or_default();
+            if op == Op::ListKeyVersions {
+                let all = query_param(query, "allKeyStates").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                return versions(sh, key, all);
+            }
             let prefer_repr =
                 header_str(headers, "prefer").is_some_and(|p| p.contains("return=representation"));
             key_op(sh, op, key, body, prefer_repr)
@@ -879,6 +884,24 @@ fn unprocessable() -> Response<Body> {
 
 fn version_json(v: &Version) -> Value {
     json!({ "id": v.id, "creationDate": v.created })
+}
+
+fn versions(sh: &Shared, key: &str, all_states: bool) -> Response<Body> {
+    let mut s = sh.lock();
+    let Some(k) = find_key(&mut s, key) else {
+        return not_found();
+    };
+    if k.state != 1 && !all_states {
+        return state_error(if k.state == 5 { 5 } else { 2 });
+    }
+    let items: Vec<Value> = k.versions.iter().rev().map(version_json).collect();
+    json_resp(
+        StatusCode::OK,
+        &json!({
+            "metadata": { "collectionType": "application/vnd.ibm.kms.key_version+json", "collectionTotal": items.len() },
+            "resources": items,
+        }),
+    )
 }
 
 fn key_op(sh: &Shared, op: Op, key: &str, body: &[u8], prefer_repr: bool) -> Response<Body> {
