@@ -177,6 +177,15 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             c.message.push_str(&format!("; {left}"));
             c
         })?;
+    let changed = report.layers.iter().filter(|l| l.action != "kept").count();
+    if changed == 0 && !ctx.output.json && !ctx.output.quiet {
+        let what = match op_name {
+            "encrypt" => "no selected layer could be encrypted",
+            "decrypt" => "no selected layer is encrypted",
+            _ => "no selected layer is encrypted, so no recipients changed",
+        };
+        eprintln!("note: {what}; {} is a copy of {}", t.dst, t.src);
+    }
     if ctx.output.json {
         ctx.json(&json!({
             "operation": op_name,

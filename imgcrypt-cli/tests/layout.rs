@@ -473,6 +473,16 @@ fn error_paths_have_their_own_codes() {
         .expect_code(1)
         .stderr_has(&["already encrypted"]);
     assert!(!t.path().join("out").exists());
+    // Decrypting a plain image copies it, and says so.
+    imgcrypt(&[
+        "decrypt",
+        "--key",
+        &v.join("keys/rsa.pem").display().to_string(),
+        &oci(&v.join("layouts/src"), "v1"),
+        &oci(&t.path().join("plain"), "v1"),
+    ])
+    .ok()
+    .stderr_has(&["no selected layer is encrypted"]);
     // JSON errors.
     let j = imgcrypt(&[
         "--json",
