@@ -2,4 +2,6 @@
 //! the `imgcrypt` CLI with skopeo (`vs-skopeo.sh`) and the node agent (`agent-bench.sh`), and
 //! the helper binaries those scripts use.
 
+pub mod agent;
+pub mod cputime;
 pub mod mkimage;

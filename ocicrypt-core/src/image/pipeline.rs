@@ -32,6 +32,8 @@ use tokio::task::JoinHandle;
 pub const CHUNK: usize = 512 * 1024;
 /// Chunks in flight between two stages.
 pub const DEPTH: usize = 3;
+/// Layers in flight whose buffers [`ChunkPool::standard`] keeps for reuse.
+pub const STANDARD_POOL_LAYERS: usize = 4;
 
 /// Recycled chunk buffers shared by the stages of one layer.
 #[derive(Clone, Debug)]
@@ -51,10 +53,14 @@ impl ChunkPool {
         }
     }
 
-    /// The pool the image operations use: [`CHUNK`]-sized buffers, enough spares for two
-    /// channels of [`DEPTH`].
+    /// The pool the image operations use: one per process, of [`CHUNK`]-sized buffers, keeping
+    /// enough spares for [`STANDARD_POOL_LAYERS`] layers in flight. Sharing it across layers
+    /// means a ten-layer image reuses the buffers of the first layers instead of allocating
+    /// new ones from other threads' malloc arenas (which keep freed memory resident).
     pub fn standard() -> Self {
-        Self::new(CHUNK, 2 * DEPTH + 3)
+        static POOL: std::sync::OnceLock<ChunkPool> = std::sync::OnceLock::new();
+        POOL.get_or_init(|| Self::new(CHUNK, STANDARD_POOL_LAYERS * (2 * DEPTH + 3)))
+            .clone()
     }
 
     /// Size of the chunks.
