@@ -208,6 +208,23 @@ fn recipients_add_then_remove() {
     let enc_blobs = layer_blobs(&img, "v1");
     imgcrypt(&["check", "--key", &b, &oci(&img, "v1")]).expect_code(4);
 
+    // In place with a key that cannot decrypt: exit 4, the image is untouched.
+    let index_before = std::fs::read(img.join("index.json")).unwrap();
+    let blobs_before = common::blob_count(&img);
+    imgcrypt(&[
+        "recipients",
+        "add",
+        "--key",
+        &b,
+        "--recipient",
+        &format!("jwe:{}", pub_b.display()),
+        &oci(&img, "v1"),
+    ])
+    .expect_code(4)
+    .stderr_has(&["wrong key", "b.pem"]);
+    assert_eq!(std::fs::read(img.join("index.json")).unwrap(), index_before);
+    assert_eq!(common::blob_count(&img), blobs_before);
+
     // add b in place (IMAGE only), using a's key: layer data untouched.
     imgcrypt(&[
         "recipients",
