@@ -210,7 +210,7 @@ fn recipients_add_then_remove() {
 
     // In place with a key that cannot decrypt: exit 4, the image is untouched.
     let index_before = std::fs::read(img.join("index.json")).unwrap();
-    let blobs_before = common::blob_count(&img);
+    let blobs_before = blob_count(&img);
     imgcrypt(&[
         "recipients",
         "add",
@@ -223,7 +223,7 @@ fn recipients_add_then_remove() {
     .expect_code(4)
     .stderr_has(&["wrong key", "b.pem"]);
     assert_eq!(std::fs::read(img.join("index.json")).unwrap(), index_before);
-    assert_eq!(common::blob_count(&img), blobs_before);
+    assert_eq!(blob_count(&img), blobs_before);
 
     // add b in place (IMAGE only), using a's key: layer data untouched.
     imgcrypt(&[
