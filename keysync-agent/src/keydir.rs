@@ -133,7 +133,8 @@ pub struct ApplyReport {
 #[derive(Debug)]
 pub struct KeyDir {
     path: PathBuf,
-    root: OwnedFd,
+    /// The open target; re-opened when the path no longer leads to it (deleted or replaced).
+    root: std::sync::Mutex<OwnedFd>,
     tmpfile_unsupported: AtomicBool,
 }
 
@@ -219,6 +220,15 @@ impl KeyDir {
     /// Opens (creating it `0700` when missing) a target directory and checks that the agent owns
     /// it: it carries the marker, or it is empty (the marker is then created), or `adopt` is set.
     pub fn open(path: &Path, adopt: bool) -> Result<Self, KeyDirError> {
+        let root = Self::open_root(path, adopt)?;
+        Ok(KeyDir {
+            path: path.to_path_buf(),
+            root: std::sync::Mutex::new(root),
+            tmpfile_unsupported: AtomicBool::new(false),
+        })
+    }
+
+    fn open_root(path: &Path, adopt: bool) -> Result<OwnedFd, KeyDirError> {
         let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
         let root = match rustix::fs::open(path, flags, Mode::empty()) {
             Ok(fd) => fd,
@@ -280,11 +290,26 @@ impl KeyDir {
                 sample,
             });
         }
-        Ok(KeyDir {
-            path: path.to_path_buf(),
-            root,
-            tmpfile_unsupported: AtomicBool::new(false),
-        })
+        Ok(root)
+    }
+
+    /// The open target, re-opened first when `path` no longer leads to it (someone deleted or
+    /// replaced the directory: writing through the old descriptor would be invisible).
+    fn current_root(&self) -> Result<std::sync::MutexGuard<'_, OwnedFd>, KeyDirError> {
+        let mut root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        let same = match (rustix::fs::lstat(&self.path), rustix::fs::fstat(&*root)) {
+            (Ok(a), Ok(b)) => {
+                FileType::from_raw_mode(a.st_mode) == FileType::Directory
+                    && a.st_dev == b.st_dev
+                    && a.st_ino == b.st_ino
+            }
+            _ => false,
+        };
+        if !same {
+            tracing::warn!(target_dir = %self.path.display(), "the target directory was replaced or removed: re-opening it");
+            *root = Self::open_root(&self.path, false)?;
+        }
+        Ok(root)
     }
 
     /// The target's path.
@@ -297,8 +322,16 @@ impl KeyDir {
     /// files alone. Never fails as a whole: problems are listed in the report.
     pub fn apply(&self, desired: &Desired) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let root = match self.current_root() {
+            Ok(r) => r,
+            Err(e) => {
+                report.failures.push((String::new(), e.to_string()));
+                return report;
+            }
+        };
+        let root: &OwnedFd = &root;
         let marker = cstring(OWNER_MARKER);
-        match list(&self.root) {
+        match list(root) {
             Ok(entries) => {
                 for (name, _) in entries {
                     if name == marker {
@@ -306,7 +339,7 @@ impl KeyDir {
                     }
                     let wanted = name.to_str().ok().is_some_and(|n| desired.contains_key(n));
                     if !wanted {
-                        match remove_entry(&self.root, &name, 0) {
+                        match remove_entry(root, &name, 0) {
                             Ok(()) => report.removed.push(shown(&name)),
                             Err(e) => report.failures.push((shown(&name), format!("remove: {e}"))),
                         }
@@ -318,18 +351,24 @@ impl KeyDir {
                 .push((String::new(), format!("list {}: {e}", self.path.display()))),
         }
         for (secret, files) in desired {
-            self.apply_secret(secret, files, &mut report);
+            self.apply_secret(root, secret, files, &mut report);
         }
         if !report.removed.is_empty() || !report.written.is_empty() || !report.foreign_removed.is_empty() {
-            let _ = rustix::fs::fsync(&self.root);
+            let _ = rustix::fs::fsync(root);
         }
         report
     }
 
-    fn apply_secret(&self, secret: &str, files: &BTreeMap<String, FileDesired>, report: &mut ApplyReport) {
+    fn apply_secret(
+        &self,
+        root: &OwnedFd,
+        secret: &str,
+        files: &BTreeMap<String, FileDesired>,
+        report: &mut ApplyReport,
+    ) {
         let name = cstring(secret);
         let create = files.values().any(|f| matches!(f, FileDesired::Write(_)));
-        let dir = match self.open_secret_dir(&name, create, report) {
+        let dir = match Self::open_secret_dir(root, &name, create, report) {
             Ok(Some(d)) => d,
             Ok(None) => return,
             Err(e) => {
@@ -377,7 +416,7 @@ impl KeyDir {
         let remaining = list(&dir).map(|e| e.len()).unwrap_or(1);
         if remaining == 0 {
             drop(dir);
-            let _ = rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR);
+            let _ = rustix::fs::unlinkat(root, &name, AtFlags::REMOVEDIR);
         } else {
             report.files += remaining;
         }
@@ -385,12 +424,12 @@ impl KeyDir {
 
     /// Opens `<target>/<secret>`, replacing a non-directory there; creates it when `create`.
     fn open_secret_dir(
-        &self,
+        root: &OwnedFd,
         name: &CStr,
         create: bool,
         report: &mut ApplyReport,
     ) -> Result<Option<OwnedFd>, String> {
-        match open_dir_nofollow(&self.root, name) {
+        match open_dir_nofollow(root, name) {
             Ok(fd) => {
                 let st = rustix::fs::fstat(&fd).map_err(|e| format!("inspect: {e}"))?;
                 if st.st_mode & 0o7777 != DIR_MODE {
@@ -402,7 +441,7 @@ impl KeyDir {
             Err(Errno::NOENT) => {}
             Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
                 // A symlink or a file where the Secret's directory belongs: not ours to follow.
-                remove_entry(&self.root, name, 0).map_err(|e| format!("remove non-directory: {e}"))?;
+                remove_entry(root, name, 0).map_err(|e| format!("remove non-directory: {e}"))?;
                 report.foreign_removed.push(shown(name));
             }
             Err(e) => return Err(format!("open: {e}")),
@@ -410,11 +449,11 @@ impl KeyDir {
         if !create {
             return Ok(None);
         }
-        match rustix::fs::mkdirat(&self.root, name, Mode::from_raw_mode(DIR_MODE)) {
+        match rustix::fs::mkdirat(root, name, Mode::from_raw_mode(DIR_MODE)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(format!("create directory: {e}")),
         }
-        let fd = open_dir_nofollow(&self.root, name).map_err(|e| format!("open: {e}"))?;
+        let fd = open_dir_nofollow(root, name).map_err(|e| format!("open: {e}"))?;
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(DIR_MODE)).map_err(|e| format!("chmod: {e}"))?;
         Ok(Some(fd))
     }
@@ -511,17 +550,17 @@ impl KeyDir {
             Err(e) => return Err(io_err("inspect", path, e)),
             Ok(_) => {}
         }
-        let dir = Self::open(path, false)?;
-        let entries = list(&dir.root).map_err(|e| io_err("list", path, e))?;
+        let root = Self::open_root(path, false)?;
+        let entries = list(&root).map_err(|e| io_err("list", path, e))?;
         let marker = cstring(OWNER_MARKER);
         let mut n = 0;
         for (name, _) in entries.iter().filter(|(n, _)| *n != marker) {
-            remove_entry(&dir.root, name, 0).map_err(|e| io_err("remove", path.join(shown(name)), e))?;
+            remove_entry(&root, name, 0).map_err(|e| io_err("remove", path.join(shown(name)), e))?;
             n += 1;
         }
-        remove_entry(&dir.root, &marker, 0).map_err(|e| io_err("remove", path.join(OWNER_MARKER), e))?;
-        let _ = rustix::fs::fsync(&dir.root);
-        drop(dir);
+        remove_entry(&root, &marker, 0).map_err(|e| io_err("remove", path.join(OWNER_MARKER), e))?;
+        let _ = rustix::fs::fsync(&root);
+        drop(root);
         if let Err(e) = std::fs::remove_dir(path) {
             tracing::info!(target_dir = %path.display(), error = %e, "target directory left in place (emptied)");
         }
@@ -667,6 +706,28 @@ mod tests {
             KeyDir::open(&link, false),
             Err(KeyDirError::Symlink { .. })
         ));
+    }
+
+    #[test]
+    fn a_removed_or_replaced_target_is_reopened() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("synced");
+        let kd = KeyDir::open(&root, false).unwrap();
+        kd.apply(&desired(&[("s1", "a", w(b"1"))]));
+        std::fs::remove_dir_all(&root).unwrap();
+        let r = kd.apply(&desired(&[("s1", "a", w(b"1"))]));
+        assert!(r.failures.is_empty(), "{r:?}");
+        assert_eq!(std::fs::read(root.join("s1/a")).unwrap(), b"1");
+        assert!(root.join(OWNER_MARKER).is_dir());
+        // Replaced by a symlink: refused, nothing written through it.
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        symlink(&elsewhere, &root).unwrap();
+        let r = kd.apply(&desired(&[("s1", "a", w(b"1"))]));
+        assert_eq!(r.failures.len(), 1, "{r:?}");
+        assert!(r.failures[0].1.contains("symbolic link"), "{r:?}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
     #[test]
