@@ -258,6 +258,69 @@ async fn kp_emulator_binary_prints_its_url_first() {
             &kp.unwrap(&root, &w.ciphertext, None).await.unwrap().plaintext[..],
             b"ci"
         );
+        // The admin API: faults, counts, key states, for CI in any language.
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let admin = |p: &str| format!("{}/_emulator/{p}", lines[0]);
+        let r = http
+            .post(admin("faults"))
+            .json(&json!({"op": "unwrap", "fault": "503", "times": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        let r = http
+            .post(admin("faults"))
+            .json(&json!({"op": "nope", "fault": "503"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(
+            &kp.unwrap(&root, &w.ciphertext, None).await.unwrap().plaintext[..],
+            b"ci"
+        );
+        let counts: Value = http
+            .get(admin("counts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(counts["unwrap"], 4, "{counts}");
+        assert_eq!(counts["wrap"], 1, "{counts}");
+        let r = http
+            .post(admin(&format!("keys/{root}/state")))
+            .json(&json!({"state": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        assert_eq!(
+            kp.unwrap(&root, &w.ciphertext, None).await.unwrap_err().status(),
+            Some(409)
+        );
+        let created: Value = http
+            .post(admin("keys"))
+            .json(&json!({"name": "k2"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let k2 = created["id"].as_str().unwrap();
+        assert_eq!(kp.get_key_metadata(k2).await.unwrap().name, "k2");
+        assert_eq!(http.post(admin("reset")).send().await.unwrap().status(), 204);
+        let counts: Value = http
+            .get(admin("counts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(counts, json!({}));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,

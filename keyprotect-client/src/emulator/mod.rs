@@ -81,6 +81,39 @@ pub enum Op {
     Other,
 }
 
+const OP_NAMES: &[(Op, &str)] = &[
+    (Op::Token, "token"),
+    (Op::CreateKey, "create_key"),
+    (Op::ListKeys, "list_keys"),
+    (Op::GetKey, "get_key"),
+    (Op::GetKeyMetadata, "get_key_metadata"),
+    (Op::ListKeyVersions, "list_key_versions"),
+    (Op::Wrap, "wrap"),
+    (Op::Unwrap, "unwrap"),
+    (Op::Rewrap, "rewrap"),
+    (Op::Rotate, "rotate"),
+    (Op::Disable, "disable"),
+    (Op::Enable, "enable"),
+    (Op::Delete, "delete"),
+    (Op::Restore, "restore"),
+    (Op::Other, "other"),
+];
+
+impl Op {
+    /// The snake_case name used by the admin API (`unwrap`, `get_key_metadata`, ...).
+    pub fn name(self) -> &'static str {
+        OP_NAMES
+            .iter()
+            .find(|(o, _)| *o == self)
+            .map_or("other", |(_, n)| n)
+    }
+
+    /// The operation of a snake_case name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        OP_NAMES.iter().find(|(_, n)| *n == name).map(|(o, _)| *o)
+    }
+}
+
 /// A fault the emulator injects instead of (or before) serving a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {

@@ -101,6 +101,12 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
     let method = req.method().clone();
     let uri = req.uri().clone();
     let headers = req.headers().clone();
+    if uri.path().starts_with("/_emulator/") {
+        let body = axum::body::to_bytes(Body::new(req.into_body()), BODY_LIMIT)
+            .await
+            .unwrap_or_default();
+        return Ok(admin(&sh, &method, uri.path(), &body));
+    }
     let (op, key) = classify(&method, uri.path(), uri.query());
     let correlation_id = header_str(&headers, "correlation-id");
     let mut rec = RequestRecord {
@@ -367,6 +373,140 @@ fn iam_error(status: StatusCode, code: &str, msg: &str) -> Response<Body> {
 fn b64url(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// The admin API for non-Rust users of the `kp-emulator` binary (no auth; loopback only).
+fn admin(sh: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Body> {
+    #[derive(Deserialize)]
+    struct FaultReq {
+        #[serde(default)]
+        op: Option<String>,
+        fault: String,
+        #[serde(default)]
+        retry_after: Option<String>,
+        #[serde(default)]
+        delay_ms: Option<u64>,
+        #[serde(default = "one")]
+        times: u32,
+    }
+    fn one() -> u32 {
+        1
+    }
+    #[derive(Deserialize)]
+    struct StateReq {
+        state: i64,
+    }
+    let bad = |m: String| json_resp(StatusCode::BAD_REQUEST, &json!({ "error": m }));
+    let segs: Vec<&str> = path
+        .trim_start_matches("/_emulator/")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match (method, segs.as_slice()) {
+        (&Method::POST, ["faults"]) => {
+            let f: FaultReq = match serde_json::from_slice(body) {
+                Ok(f) => f,
+                Err(e) => {
+                    return bad(format!(
+                        "expected {{\"op\", \"fault\", \"times\", \"retry_after\", \"delay_ms\"}}: {e}"
+                    ))
+                }
+            };
+            let op = match f.op.as_deref() {
+                None | Some("any") => None,
+                Some(n) => match Op::from_name(n) {
+                    Some(o) => Some(o),
+                    None => return bad(format!("unknown op {n:?}")),
+                },
+            };
+            let fault = match f.fault.as_str() {
+                "429" => Fault::TooManyRequests {
+                    retry_after: f.retry_after,
+                },
+                "401" => Fault::Unauthorized,
+                "drop" => Fault::Drop,
+                "slow" => Fault::Slow(Duration::from_millis(f.delay_ms.unwrap_or(1000))),
+                code => match code.parse::<u16>() {
+                    Ok(c) if (500..600).contains(&c) => Fault::ServerError(c),
+                    _ => return bad(format!("unknown fault {code:?}: use 429, 401, 5xx, slow or drop")),
+                },
+            };
+            if f.times > 0 {
+                sh.lock().faults.push(super::FaultRule {
+                    op,
+                    fault,
+                    remaining: f.times,
+                });
+            }
+            no_content()
+        }
+        (&Method::DELETE, ["faults"]) => {
+            sh.lock().faults.clear();
+            no_content()
+        }
+        (&Method::GET, ["counts"]) => {
+            let s = sh.lock();
+            let m: serde_json::Map<String, Value> = s
+                .counts
+                .iter()
+                .map(|(o, n)| (o.name().to_owned(), json!(n)))
+                .collect();
+            json_resp(StatusCode::OK, &Value::Object(m))
+        }
+        (&Method::POST, ["reset"]) => {
+            let mut s = sh.lock();
+            s.counts.clear();
+            s.log.clear();
+            s.unwraps_by_ciphertext.clear();
+            s.faults.clear();
+            no_content()
+        }
+        (&Method::POST, ["keys"]) => {
+            #[derive(Deserialize)]
+            struct NewKey {
+                name: String,
+            }
+            match serde_json::from_slice::<NewKey>(body) {
+                Ok(k) => json_resp(
+                    StatusCode::CREATED,
+                    &json!({ "id": create_key_direct(sh, &k.name, false, None, Vec::new()) }),
+                ),
+                Err(e) => bad(format!("expected {{\"name\"}}: {e}")),
+            }
+        }
+        (&Method::POST, ["keys", id, "rotate"]) => match rotate_direct(sh, id) {
+            Some(v) => json_resp(StatusCode::OK, &json!({ "version": v })),
+            None => not_found(),
+        },
+        (&Method::POST, ["keys", id, "state"]) => {
+            let Ok(r) = serde_json::from_slice::<StateReq>(body) else {
+                return bad("expected {\"state\": 1|2|3|5}".into());
+            };
+            if !matches!(r.state, 1 | 2 | 3 | 5) {
+                return bad("state must be 1, 2, 3 or 5".into());
+            }
+            let mut s = sh.lock();
+            match s.keys.get_mut(*id) {
+                Some(k) => {
+                    k.state = r.state;
+                    k.updated = now_rfc3339();
+                    if r.state == 5 {
+                        k.deleted = Some(k.updated.clone());
+                    }
+                    no_content()
+                }
+                None => not_found(),
+            }
+        }
+        (&Method::POST, ["tokens", "revoke"]) => {
+            sh.lock().tokens.clear();
+            no_content()
+        }
+        _ => json_resp(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": "admin API: POST faults, DELETE faults, GET counts, POST reset, POST keys, POST keys/{id}/rotate, POST keys/{id}/state, POST tokens/revoke" }),
+        ),
+    }
 }
 
 fn route(
