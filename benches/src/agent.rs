@@ -314,18 +314,15 @@ pub fn run(p: &Params) -> Result<Results, AgentBenchError> {
         kp_files.iter().all(|f| f.exists())
     })?;
     let unwraps = emu.count(Op::Unwrap) - before;
-    // An API server restart makes the agent relist everything; nothing is unwrapped again.
-    let lists = |s: &KubeStandin| {
-        s.requests()
-            .iter()
-            .filter(|r| r.method == "GET" && r.uri.contains("/secrets") && !r.uri.contains("watch=true"))
-            .count()
-    };
-    let lists_before = lists(&standin);
-    rt.block_on(standin.restart())
-        .map_err(|e| fail(format!("restarting the stand-in: {e}")))?;
+    // An API server restart with a change made while it was down (never sent on any watch): the
+    // agent must relist everything to see it. Nothing may be unwrapped again.
+    let marker = key_secret("relist-marker", &[("k.pem", &pem)], "key");
+    rt.block_on(standin.restart_with(move |s| {
+        let _ = s.create_secret(marker);
+    }))
+    .map_err(|e| fail(format!("restarting the stand-in: {e}")))?;
     wait_until("the agent's relist", t, Duration::from_millis(20), || {
-        lists(&standin) > lists_before
+        file(&dir, "relist-marker", "k.pem").exists()
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let unwraps_after = emu.count(Op::Unwrap) - before;
