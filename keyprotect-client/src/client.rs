@@ -53,6 +53,11 @@ pub struct ClientOptions {
     pub proxy_from_env: bool,
     /// User agent.
     pub user_agent: String,
+    /// Refresh the IAM token once this fraction of its lifetime has passed (default 0.8).
+    pub token_refresh_fraction: f64,
+    /// Treat the token as expired this long before its end (default 60 s, at most a quarter
+    /// of its lifetime).
+    pub token_expiry_margin: Duration,
     /// At most this many Key Protect requests of this client (and its clones) in flight at
     /// once; `None` for no limit (default). Backoff sleeps do not hold a slot.
     pub max_concurrent_requests: Option<usize>,
@@ -72,6 +77,8 @@ impl Default for ClientOptions {
             proxy_from_env: true,
             user_agent: concat!("imgcrypt-keyprotect-client/", env!("CARGO_PKG_VERSION")).to_owned(),
             max_concurrent_requests: None,
+            token_refresh_fraction: 0.8,
+            token_expiry_margin: Duration::from_secs(60),
         }
     }
 }
@@ -842,10 +849,12 @@ impl Client {
                             });
                         }
                         let life = Duration::from_secs(t.expires_in.unwrap_or(3600).max(1));
-                        let margin = Duration::from_secs(60).min(life / 4);
+                        let o = &self.inner.opts;
+                        let margin = o.token_expiry_margin.min(life / 4);
+                        let fraction = o.token_refresh_fraction.clamp(0.05, 1.0);
                         return Ok(CachedToken {
                             value: t.access_token,
-                            refresh_at: sent + life.mul_f64(0.8).min(life - margin),
+                            refresh_at: sent + life.mul_f64(fraction).min(life - margin),
                             expires_at: sent + (life - margin),
                         });
                     }

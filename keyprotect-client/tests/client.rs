@@ -768,3 +768,34 @@ async fn key_versions() {
     );
     assert_eq!(kp.list_key_versions(&root, true).await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn failing_proactive_refresh_keeps_serving_the_valid_token() {
+    let emu = Emulator::start().unwrap();
+    emu.set_token_ttl(Duration::from_secs(6));
+    let opts = ClientOptions {
+        token_refresh_fraction: 0.2,
+        token_expiry_margin: Duration::from_millis(100),
+        ..fast()
+    };
+    let kp = Client::with_options(emu.config(), opts).unwrap();
+    let root = emu.create_root_key("r");
+    kp.wrap(&root, b"x", None).await.unwrap();
+    assert_eq!(emu.count(Op::Token), 1);
+    // Past the refresh point (1.2 s), well before expiry (5.9 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    emu.inject(Some(Op::Token), Fault::ServerError(503), 10);
+    kp.wrap(&root, b"x", None).await.unwrap();
+    assert_eq!(
+        emu.count(Op::Token),
+        2,
+        "one refresh attempt, no retries, while the token is valid"
+    );
+    kp.wrap(&root, b"x", None).await.unwrap();
+    assert_eq!(
+        emu.count(Op::Token),
+        2,
+        "the failed refresh is not repeated at once"
+    );
+    emu.clear_faults();
+}
