@@ -1,4 +1,6 @@
 //! Raw command-line arguments (clap derive). Validation happens in [`crate::config`].
+// Doc comments here double as `--help` text, where `[:PARAM]` means "optional", not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 
