@@ -448,6 +448,7 @@ impl Runner {
             Ok(bytes) => {
                 tracing::info!(secret = %request.secret, file = %request.file, "unwrapped with Key Protect");
                 if rewrap_recommended {
+                    self.metrics.add(&self.metrics.rewrap_recommended, 1);
                     tracing::warn!(
                         secret = %request.secret,
                         root_key_id = %request.root_key_id,

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub last_sync_seconds: AtomicU64,
     /// Events that could not be posted.
     pub event_errors: AtomicU64,
+    /// Unwraps that returned a rewrapped ciphertext (the root key was rotated since the wrap).
+    pub rewrap_recommended: AtomicU64,
     labelled: Mutex<Labelled>,
 }
 
@@ -345,4 +347,51 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
             format!("cannot listen on {addr} for /healthz and /metrics: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_format() {
+        let m = Metrics::default();
+        let h = Health::new(Duration::from_secs(60));
+        m.add(&m.files_written, 3);
+        m.unwrap_call("200", false);
+        m.unwrap_call("429", true);
+        m.unwrap_call("429", true);
+        m.set_secrets([("key".to_string(), 2), ("kp-key".to_string(), 1)]);
+        m.set_problems([("Invalid\"Key".to_string(), 1)]);
+        let text = m.render(&h);
+        assert!(text.contains("# TYPE keysync_files_written_total counter\nkeysync_files_written_total 3\n"));
+        assert!(text.contains("keysync_unwrap_requests_total{status=\"429\"} 2\n"));
+        assert!(text.contains("keysync_unwrap_errors_total{status=\"429\"} 2\n"));
+        assert!(!text.contains("keysync_unwrap_errors_total{status=\"200\"}"));
+        assert!(text.contains("keysync_secrets{kind=\"kp-key\"} 1\n"));
+        assert!(
+            text.contains("keysync_problems{reason=\"Invalid\\\"Key\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("keysync_ready 0\n"));
+        assert_eq!(m.unwrap_calls_total(), 3);
+        // Every sample line belongs to a declared family.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(text.contains(&format!("# TYPE {name} ")), "{line}");
+        }
+    }
+
+    #[test]
+    fn liveness_follows_progress() {
+        let h = Health::new(Duration::from_millis(500));
+        assert!(h.is_live());
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!h.is_live());
+        h.progress();
+        assert!(h.is_live());
+        assert!(!h.is_ready());
+        h.set_ready();
+        assert!(h.is_ready());
+    }
 }
