@@ -9,7 +9,7 @@ IMGCRYPT_DEBIAN_PACKAGES=(
   # interop and registry tests
   skopeo docker-registry openssl
   # independent JWE check (python cryptography) and PGP keyring detection tests
-  python3 python3-cryptography gpg
+  python3 python3-venv python3-pip python3-cryptography gpg
   # benchmarks: /usr/bin/time for peak RSS
   time
   # runtime end to end (containerd stream processor)
