@@ -1,5 +1,6 @@
 //! Kubernetes Events on Secrets the agent cannot sync (`events.k8s.io/v1`, `create` only: each
-//! problem is reported once per Secret version, so no `patch` permission is needed).
+//! problem is reported once per Secret version, so no `patch` permission is needed). Events are
+//! posted from a bounded queue by one background task, so a slow API server never holds up syncing.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,47 +18,50 @@ use crate::secrets::{Problem, SecretRecord};
 pub const REPORTING_CONTROLLER: &str = "imgcrypt.io/keysync-agent";
 /// Longest Event note the API server accepts.
 const MAX_NOTE: usize = 1024;
-/// Events posted concurrently at most; more are dropped (and counted).
-const MAX_IN_FLIGHT: usize = 16;
+/// Events queued at most; more are dropped (and counted).
+const QUEUE: usize = 512;
 
-/// Posts Events in the background.
+/// Posts Events in the background, one at a time, in order.
 pub struct EventSink {
-    api: Api<Event>,
     namespace: String,
     instance: String,
     metrics: Arc<Metrics>,
-    tasks: tokio::task::JoinSet<()>,
+    tx: Option<tokio::sync::mpsc::Sender<Event>>,
+    worker: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl EventSink {
     /// Events go to `namespace`; `instance` is the node name (or pod name).
     pub fn new(client: kube::Client, namespace: &str, instance: &str, metrics: Arc<Metrics>) -> Self {
+        let api: Api<Event> = Api::namespaced(client, namespace);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
+        let m = metrics.clone();
+        let worker = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                    m.event_errors.fetch_add(1, Ordering::Relaxed);
+                    let secret = ev.regarding.and_then(|r| r.name).unwrap_or_default();
+                    tracing::warn!(secret, error = %e, "could not post a Kubernetes Event");
+                }
+            }
+        });
         EventSink {
-            api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             instance: instance.to_string(),
             metrics,
-            tasks: tokio::task::JoinSet::new(),
+            tx: Some(tx),
+            worker: Some(worker),
         }
     }
 
-    /// Posts a Warning Event about `problem` on its Secret.
+    /// Queues a Warning Event about `problem` on its Secret.
     pub fn warn(&mut self, problem: &Problem, rec: Option<&SecretRecord>) {
-        while self.tasks.try_join_next().is_some() {}
-        if self.tasks.len() >= MAX_IN_FLIGHT {
-            self.metrics.event_errors.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         let ev = self.build(problem, rec);
-        let api = self.api.clone();
-        let metrics = self.metrics.clone();
-        let secret = problem.secret.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                metrics.event_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(secret, error = %e, "could not post a Kubernetes Event");
-            }
-        });
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(ev).is_ok());
+        if !sent {
+            self.metrics.event_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(secret = %problem.secret, "Event queue full: Event dropped");
+        }
     }
 
     fn build(&self, problem: &Problem, rec: Option<&SecretRecord>) -> Event {
@@ -109,10 +113,22 @@ impl EventSink {
         }
     }
 
-    /// Waits (bounded) for Events still being posted.
+    /// Waits (bounded) for the queued Events to be posted, then stops the worker.
     pub async fn flush(&mut self, timeout: std::time::Duration) {
-        let _ =
-            tokio::time::timeout(timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
+        self.tx = None;
+        if let Some(mut w) = self.worker.take() {
+            if tokio::time::timeout(timeout, &mut w).await.is_err() {
+                w.abort();
+            }
+        }
+    }
+}
+
+impl Drop for EventSink {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.abort();
+        }
     }
 }
 

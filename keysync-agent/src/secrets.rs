@@ -291,7 +291,8 @@ impl ValidationCache {
         }
     }
 
-    /// Forgets results for contents no longer present (call after a pass with the live digests).
+    /// Bounds the cache: forgets everything once it holds more than `max` results (they are
+    /// recomputed on the next pass).
     pub fn retain_recent(&mut self, max: usize) {
         if self.map.len() > max {
             self.map.clear();

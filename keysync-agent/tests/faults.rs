@@ -469,6 +469,11 @@ async fn malformed_and_hostile_secrets_write_nothing() {
             "{note}"
         );
     }
+    assert_eq!(
+        agent.metrics.event_errors.load(Ordering::Relaxed),
+        0,
+        "no Event was dropped or refused"
+    );
     assert!(agent.is_running() && agent.health.is_live());
 }
 
