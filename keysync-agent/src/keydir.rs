@@ -611,6 +611,8 @@ mod tests {
         );
         let r = kd.apply(&desired(&[("s1", "a.pem", w(b"one"))]));
         assert_eq!(r.written, vec!["s1/a.pem"]);
+        // Staged as an unnamed O_TMPFILE (never a partial file under any name) on this filesystem.
+        assert!(!kd.tmpfile_unsupported.load(Ordering::Relaxed));
         let f = root.join("s1/a.pem");
         assert_eq!(std::fs::read(&f).unwrap(), b"one");
         assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
