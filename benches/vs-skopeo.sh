@@ -44,7 +44,7 @@ REGISTRY_BIN="${REGISTRY_BIN:-/usr/bin/docker-registry}"
 TIME=/usr/bin/time
 
 die() { echo "vs-skopeo.sh: $*" >&2; exit 1; }
-for t in "$SKOPEO" openssl python3 curl; do
+for t in "$SKOPEO" openssl python3; do
     command -v "$t" >/dev/null || die "$t is missing: install it (scripts/deps.sh lists the packages)"
 done
 [ -x "$TIME" ] || die "$TIME is missing: apt-get install time"
@@ -191,18 +191,28 @@ EOF
     "$REGISTRY_BIN" serve "$W/registry/config.yml" > "$W/registry/log" 2>&1 &
     REG_PID=$!
     for _ in $(seq 1 100); do
-        if curl -fs "http://$REG_ADDR/v2/" >/dev/null 2>&1; then return 0; fi
+        if python3 -c 'import sys, urllib.request; urllib.request.urlopen("http://" + sys.argv[1] + "/v2/", timeout=2)' "$REG_ADDR" >/dev/null 2>&1; then return 0; fi
         kill -0 "$REG_PID" 2>/dev/null || { cat "$W/registry/log" >&2; die "docker-registry exited"; }
         sleep 0.1
     done
     die "docker-registry did not answer on $REG_ADDR within 10 s"
 }
+# The manifest of REPO:TAG in the registry, as JSON.
+registry_manifest() {
+    python3 - "$REG_ADDR" "$1" "$2" <<'PY'
+import sys, urllib.request
+addr, repo, tag = sys.argv[1:4]
+req = urllib.request.Request(f"http://{addr}/v2/{repo}/manifests/{tag}",
+                             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+print(urllib.request.urlopen(req, timeout=30).read().decode())
+PY
+}
 registry_layers() {
-    curl -fs -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$REG_ADDR/v2/$1/manifests/$2" |
+    registry_manifest "$1" "$2" |
         python3 -c 'import json,sys; [print(l["digest"]) for l in json.load(sys.stdin)["layers"]]'
 }
-registry_encrypted_count() {
-    curl -fs -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$REG_ADDR/v2/$1/manifests/$2" |
+registry_plain_count() {
+    registry_manifest "$1" "$2" |
         python3 -c 'import json,sys; print(sum(1 for l in json.load(sys.stdin)["layers"] if not l["mediaType"].endswith("+encrypted")))'
 }
 bench_registry() {
@@ -215,8 +225,8 @@ bench_registry() {
     check_same "$name pushed to the registry" "$want" "$(registry_layers "$repo/plain" v1)"
     run "$name encrypt reg->reg" skopeo "$SKOPEO" copy -q "${tls[@]}" --encryption-key "jwe:$W/pub.pem" "$r/$repo/plain:v1" "$r/$repo/sk:enc"
     run "$name encrypt reg->reg" imgcrypt "$IMGCRYPT" -q --tls-verify=false encrypt --recipient "jwe:$W/pub.pem" "$r/$repo/plain:v1" "$r/$repo/ic:enc"
-    [ "$(registry_encrypted_count "$repo/sk" enc)" = 0 ] || die "skopeo left plain layers in $repo/sk:enc"
-    [ "$(registry_encrypted_count "$repo/ic" enc)" = 0 ] || die "imgcrypt left plain layers in $repo/ic:enc"
+    [ "$(registry_plain_count "$repo/sk" enc)" = 0 ] || die "skopeo left plain layers in $repo/sk:enc"
+    [ "$(registry_plain_count "$repo/ic" enc)" = 0 ] || die "imgcrypt left plain layers in $repo/ic:enc"
     run "$name decrypt reg->reg" skopeo "$SKOPEO" copy -q "${tls[@]}" --decryption-key "$W/priv.pem" "$r/$repo/sk:enc" "$r/$repo/sk:dec"
     run "$name decrypt reg->reg" imgcrypt "$IMGCRYPT" -q --tls-verify=false decrypt --key "$W/priv.pem" "$r/$repo/ic:enc" "$r/$repo/ic:dec"
     # The registry checks every pushed blob against its digest, so equal digests are equal bytes.
