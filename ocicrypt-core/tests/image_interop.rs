@@ -45,6 +45,17 @@ async fn run(
         .map(|_| ())
 }
 
+/// `skopeo copy --decryption-key KEY oci:SRC:v1 oci:DST:v1`.
+fn skopeo_decrypt(key: &Path, src: &Path, dst: &Path) {
+    skopeo_ok(&[
+        "copy",
+        "--decryption-key",
+        key.to_str().unwrap(),
+        &format!("oci:{}:v1", src.display()),
+        &format!("oci:{}:v1", dst.display()),
+    ]);
+}
+
 fn layer_blobs(layout: &Path, tag: &str) -> Vec<(String, Vec<u8>)> {
     manifests(layout, tag)
         .into_iter()
@@ -254,13 +265,7 @@ async fn we_encrypt_skopeo_decrypts_byte_identical() {
     }
     for (i, key) in [&rsa, &ec, &rsa4, &ec3].into_iter().enumerate() {
         let out = d.join(format!("skopeo-dec-{i}"));
-        skopeo_ok(&[
-            "copy",
-            "--decryption-key",
-            key.to_str().unwrap(),
-            &format!("oci:{}:v1", enc.display()),
-            &format!("oci:{}:v1", out.display()),
-        ]);
+        skopeo_decrypt(key, &enc, &out);
         assert_plain_copy_of(&src, "v1", &out, "v1");
     }
     // A single recipient gives the flattened serialization; skopeo reads that too.
@@ -278,13 +283,7 @@ async fn we_encrypt_skopeo_decrypts_byte_identical() {
     .await
     .unwrap();
     let out = d.join("skopeo-dec-single");
-    skopeo_ok(&[
-        "copy",
-        "--decryption-key",
-        ec3.to_str().unwrap(),
-        &format!("oci:{}:v1", enc1.display()),
-        &format!("oci:{}:v1", out.display()),
-    ]);
+    skopeo_decrypt(&ec3, &enc1, &out);
     assert_plain_copy_of(&src, "v1", &out, "v1");
 }
 
@@ -330,13 +329,7 @@ async fn skopeo_encrypts_we_decrypt_byte_identical() {
     // skopeo compresses an uncompressed layer before encrypting it, so the reference for our
     // decrypt is skopeo's own decrypt of the same image.
     let reference = d.join("skopeo-dec");
-    skopeo_ok(&[
-        "copy",
-        "--decryption-key",
-        rsa2.to_str().unwrap(),
-        &format!("oci:{}:v1", enc.display()),
-        &format!("oci:{}:v1", reference.display()),
-    ]);
+    skopeo_decrypt(&rsa2, &enc, &reference);
     assert_eq!(
         layer_blobs(&reference, "v1")[..2],
         layer_blobs(&src, "v1")[..2],
@@ -393,13 +386,7 @@ async fn skopeo_encrypts_we_decrypt_byte_identical() {
     .await
     .unwrap();
     let skopeo_out = d.join("part-skopeo-dec");
-    skopeo_ok(&[
-        "copy",
-        "--decryption-key",
-        ec3.to_str().unwrap(),
-        &format!("oci:{}:v1", part.display()),
-        &format!("oci:{}:v1", skopeo_out.display()),
-    ]);
+    skopeo_decrypt(&ec3, &part, &skopeo_out);
     assert_plain_copy_of(&skopeo_out, "v1", &out, "v1");
 }
 
