@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 
 use oci_spec::image::{Descriptor, ImageIndex, MediaType};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 use super::digest::{format_sha256, verify_bytes};
 use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
@@ -360,40 +360,7 @@ impl ImageDest for OciLayout {
     ) -> BoxFuture<'a, Result<(String, u64), Error>> {
         Box::pin(async move {
             let (tx, rx) = pipeline::chunk_channel(pipeline::DEPTH, ChunkPool::standard());
-            let pump = async move {
-                loop {
-                    let mut buf = tx.pool().get();
-                    let mut filled = 0;
-                    let res = loop {
-                        match data.read(&mut buf[filled..]).await {
-                            Ok(0) => break Ok(true),
-                            Ok(n) => {
-                                filled += n;
-                                if filled == buf.len() {
-                                    break Ok(false);
-                                }
-                            }
-                            Err(e) => break Err(e),
-                        }
-                    };
-                    buf.truncate(filled);
-                    match res {
-                        Ok(eof) => {
-                            if tx.send(buf).await.is_err() {
-                                return;
-                            }
-                            if eof {
-                                tx.finish().await;
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            tx.fail(e).await;
-                            return;
-                        }
-                    }
-                }
-            };
+            let pump = pipeline::pump(data, tx);
             let ((), res) = tokio::join!(pump, self.write_blob_chunks(media_type, size_hint, rx));
             res
         })
@@ -492,6 +459,7 @@ pub fn descriptor(media_type: &str, digest: &str, size: u64) -> Result<Descripto
 mod tests {
     use super::*;
     use crate::image::digest::sha256_digest;
+    use tokio::io::AsyncReadExt;
 
     fn blob_files(l: &OciLayout) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(l.path().join("blobs/sha256"))

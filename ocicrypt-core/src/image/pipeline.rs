@@ -314,43 +314,48 @@ where
     R: AsyncRead + Send + Unpin + 'static,
 {
     let (tx, rx) = chunk_channel(depth, pool);
-    tokio::spawn(async move {
-        loop {
-            let mut buf = tx.pool().get();
-            let mut filled = 0;
-            let res = loop {
-                match inner.read(&mut buf[filled..]).await {
-                    Ok(0) => break Ok(true),
-                    Ok(n) => {
-                        filled += n;
-                        if filled == buf.len() {
-                            break Ok(false);
-                        }
-                    }
-                    Err(e) => break Err(e),
-                }
-            };
-            buf.truncate(filled);
-            match res {
-                Ok(eof) => {
-                    if tx.send(buf).await.is_err() {
-                        return;
-                    }
-                    if eof {
-                        tx.finish().await;
-                        return;
+    tokio::spawn(async move { pump(&mut inner, tx).await });
+    rx
+}
+
+/// Reads `inner` to its end into `tx`, one full chunk at a time (short reads are merged); the
+/// stream ends with [`ChunkSender::finish`], or, after the bytes read before it, with the error
+/// of `inner`. Stops early if the receiver is gone.
+pub async fn pump<R: AsyncRead + Unpin + ?Sized>(inner: &mut R, tx: ChunkSender) {
+    loop {
+        let mut buf = tx.pool().get();
+        let mut filled = 0;
+        let res = loop {
+            match inner.read(&mut buf[filled..]).await {
+                Ok(0) => break Ok(true),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break Ok(false);
                     }
                 }
-                Err(e) => {
-                    if tx.send(buf).await.is_ok() {
-                        tx.fail(e).await;
-                    }
+                Err(e) => break Err(e),
+            }
+        };
+        buf.truncate(filled);
+        match res {
+            Ok(eof) => {
+                if tx.send(buf).await.is_err() {
+                    return;
+                }
+                if eof {
+                    tx.finish().await;
                     return;
                 }
             }
+            Err(e) => {
+                if tx.send(buf).await.is_ok() {
+                    tx.fail(e).await;
+                }
+                return;
+            }
         }
-    });
-    rx
+    }
 }
 
 /// The reading end of a stage running in its own task.
