@@ -1,14 +1,16 @@
 //! Property tests of the layer cipher: round trips at random sizes and chunkings, any tamper
 //! fails, and the streaming adapters (sync and async) agree with the one-shot core and with an
-//! independent `ctr` + `hmac` composition.
+//! independent `ctr` + `hmac` composition, including the two-thread [`cipher::parallel`] functions
+//! and the split halves ([`Keystream`], [`LayerMac`]) the image pipeline runs as stages.
 
 use std::io::{Read, Write};
 
 use aes::cipher::{KeyIvInit, StreamCipher};
+use cipher::io::{crate_error, DecryptReader, DecryptWriter, EncryptReader, EncryptWriter};
 use hmac::{Hmac, Mac};
-use ocicrypt_core::cipher::io::{crate_error, DecryptReader, DecryptWriter, EncryptReader, EncryptWriter};
 use ocicrypt_core::cipher::{
-    decrypt_in_place, encrypt_in_place, LayerDecryptor, LayerEncryptor, LayerKey, Nonce,
+    self, decrypt_in_place, encrypt_in_place, ExpectedMac, Keystream, LayerDecryptor, LayerEncryptor,
+    LayerKey, LayerMac, Nonce,
 };
 use ocicrypt_core::Error;
 use proptest::prelude::*;
@@ -99,11 +101,11 @@ proptest! {
         // Async adapters agree too.
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let (act, amac, aback) = rt.block_on(async {
-            let mut er = ocicrypt_core::cipher::tokio::EncryptReader::new(&data[..], &key, &nonce);
+            let mut er = cipher::tokio::EncryptReader::new(&data[..], &key, &nonce);
             let mut act = Vec::new();
             er.read_to_end(&mut act).await.unwrap();
             let (_, amac) = er.finish().unwrap();
-            let mut dr = ocicrypt_core::cipher::tokio::DecryptReader::new(&act[..], &key, &nonce, amac.as_bytes()).unwrap();
+            let mut dr = cipher::tokio::DecryptReader::new(&act[..], &key, &nonce, amac.as_bytes()).unwrap();
             let mut aback = Vec::new();
             dr.read_to_end(&mut aback).await.unwrap();
             assert!(dr.is_verified());
@@ -112,6 +114,29 @@ proptest! {
         prop_assert_eq!(&act, &want_ct);
         prop_assert_eq!(amac.0, want_mac);
         prop_assert_eq!(&aback, &data);
+
+        // Two threads (CTR on one, HMAC on the other), fed by short reads.
+        let (pct, plen, pmac) =
+            cipher::parallel::encrypt(Chunky { data: &data, sizes: sizes.clone(), i: 0 }, Vec::new(), &key, &nonce).unwrap();
+        prop_assert_eq!(plen, data.len() as u64);
+        prop_assert_eq!(&pct, &want_ct);
+        prop_assert_eq!(pmac.0, want_mac);
+        let (pback, _) =
+            cipher::parallel::decrypt(Chunky { data: &ct, sizes: sizes.clone(), i: 0 }, Vec::new(), &key, &nonce, &want_mac).unwrap();
+        prop_assert_eq!(&pback, &data);
+
+        // The split halves, each fed in its own chunking, as two pipeline stages would.
+        let mut split = data.clone();
+        let mut ks = Keystream::new(&key, &nonce);
+        for c in split.chunks_mut(sizes[0]) { ks.apply(c); }
+        let mut m = LayerMac::new(&key);
+        for c in split.chunks(sizes[sizes.len() - 1]) { m.update(c); }
+        prop_assert_eq!(&split, &want_ct);
+        prop_assert_eq!(ks.len(), data.len() as u64);
+        prop_assert_eq!(m.finish().0, want_mac);
+        let mut m = LayerMac::new(&key);
+        m.update(&want_ct);
+        prop_assert!(m.verify(&ExpectedMac::from_slice(&want_mac).unwrap()).is_ok());
     }
 
     #[test]
@@ -133,6 +158,13 @@ proptest! {
         prop_assert!(matches!(crate_error(&err), Some(Error::AuthenticationFailed)));
         // Sticky.
         prop_assert!(r.read(&mut [0u8; 4]).is_err());
+        prop_assert!(matches!(
+            cipher::parallel::decrypt(&ct[..], Vec::new(), &key, &nonce, mac.as_bytes()),
+            Err(Error::AuthenticationFailed)
+        ));
+        let mut m = LayerMac::new(&key);
+        m.update(&ct);
+        prop_assert!(matches!(m.verify(&ExpectedMac::from_slice(mac.as_bytes()).unwrap()), Err(Error::AuthenticationFailed)));
     }
 
     #[test]
@@ -153,6 +185,14 @@ proptest! {
         let mut s = short.to_vec();
         d.update(&mut s);
         prop_assert!(matches!(d.verify(), Err(Error::AuthenticationFailed)));
+        prop_assert!(matches!(
+            cipher::parallel::decrypt(short, Vec::new(), &key, &nonce, mac.as_bytes()),
+            Err(Error::AuthenticationFailed)
+        ));
+        prop_assert!(matches!(
+            cipher::parallel::decrypt(&ct[..], Vec::new(), &key, &nonce, &bad),
+            Err(Error::AuthenticationFailed)
+        ));
     }
 }
 
@@ -168,8 +208,7 @@ fn decrypt_to_path_publishes_only_verified_plaintext() {
 
     let mut bad = ct.clone();
     *bad.last_mut().unwrap() ^= 1;
-    let e = ocicrypt_core::cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest)
-        .unwrap_err();
+    let e = cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest).unwrap_err();
     assert!(matches!(e, Error::AuthenticationFailed), "{e:?}");
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
@@ -179,13 +218,11 @@ fn decrypt_to_path_publishes_only_verified_plaintext() {
 
     // An existing file at the destination survives a failed decrypt.
     std::fs::write(&dest, b"old").unwrap();
-    assert!(
-        ocicrypt_core::cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest).is_err()
-    );
+    assert!(cipher::io::decrypt_to_path(&bad[..], &key, &nonce, mac.as_bytes(), &dest).is_err());
     assert_eq!(std::fs::read(&dest).unwrap(), b"old");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
-    let n = ocicrypt_core::cipher::io::decrypt_to_path(&ct[..], &key, &nonce, mac.as_bytes(), &dest).unwrap();
+    let n = cipher::io::decrypt_to_path(&ct[..], &key, &nonce, mac.as_bytes(), &dest).unwrap();
     assert_eq!(n, data.len() as u64);
     assert_eq!(std::fs::read(&dest).unwrap(), data);
 }

@@ -271,11 +271,9 @@ pub fn decrypt_to_path<R: Read>(
     expected_mac: &[u8],
     dest: &Path,
 ) -> Result<u64, Error> {
-    let mut reader = DecryptReader::new(ciphertext, key, nonce, expected_mac)?;
+    // CTR and HMAC on two threads; the file is renamed into place only after the MAC verified.
+    crate::cipher::ExpectedMac::from_slice(expected_mac)?;
     crate::fsutil::write_atomic(dest, |file: &mut File| {
-        copy_large(&mut reader, file).map_err(|e| match crate_error(&e) {
-            Some(Error::AuthenticationFailed) => Error::AuthenticationFailed,
-            _ => Error::Io(e),
-        })
+        super::parallel::decrypt(ciphertext, file, key, nonce, expected_mac).map(|(_, n)| n)
     })
 }

@@ -8,7 +8,9 @@
 //!
 //! [`LayerEncryptor`] and [`LayerDecryptor`] work in place over chunks of any size; they do no
 //! I/O. The [`io`] module wraps them in `Read`/`Write` adapters and [`tokio`](self::tokio) (feature
-//! `tokio`) in `AsyncRead` adapters. The format is the one containers/ocicrypt writes: the
+//! `tokio`) in `AsyncRead` adapters. [`Keystream`] (CTR) and [`LayerMac`] (HMAC) are the two
+//! halves on their own, for callers that run them on different threads: [`parallel`] does that
+//! for a reader and a writer, the image pipeline gives each half its own stage. The format is the one containers/ocicrypt writes: the
 //! 16-byte nonce is the initial counter block, incremented as a 128-bit big-endian integer, and
 //! the MAC covers the ciphertext only, keyed with the same 32-byte key.
 //!
@@ -27,6 +29,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::Error;
 
 pub mod io;
+pub mod parallel;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
@@ -127,48 +130,157 @@ impl MacTag {
     }
 }
 
+/// The CTR half of the layer cipher: XORs the AES-256-CTR keystream into a buffer in place.
+/// Encryption and decryption are the same operation. With [`LayerMac`] it lets the two halves
+/// run on different threads (see [`parallel`]).
+pub struct Keystream {
+    ctr: Aes256Ctr,
+    len: u64,
+}
+
+impl Keystream {
+    /// The keystream for `key` and `nonce`, starting at the first byte of the layer.
+    pub fn new(key: &LayerKey, nonce: &Nonce) -> Self {
+        Self {
+            ctr: Aes256Ctr::new(key.as_bytes().into(), nonce.as_bytes().into()),
+            len: 0,
+        }
+    }
+
+    /// XORs the next `buf.len()` keystream bytes into `buf`.
+    pub fn apply(&mut self, buf: &mut [u8]) {
+        self.ctr.apply_keystream(buf);
+        self.len += buf.len() as u64;
+    }
+
+    /// Number of bytes processed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing has been processed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The MAC half of the layer cipher: HMAC-SHA256 over the ciphertext, keyed with the layer key.
+pub struct LayerMac {
+    mac: HmacSha256,
+    len: u64,
+}
+
+impl LayerMac {
+    /// Starts a MAC keyed with `key`.
+    pub fn new(key: &LayerKey) -> Self {
+        Self {
+            mac: <HmacSha256 as Mac>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length"),
+            len: 0,
+        }
+    }
+
+    /// Feeds the next ciphertext bytes.
+    pub fn update(&mut self, ciphertext: &[u8]) {
+        self.mac.update(ciphertext);
+        self.len += ciphertext.len() as u64;
+    }
+
+    /// Number of bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The tag over everything fed.
+    pub fn finish(self) -> MacTag {
+        MacTag(self.mac.finalize().into_bytes().into())
+    }
+
+    /// Checks the tag over everything fed against `expected`, in constant time.
+    ///
+    /// # Errors
+    /// [`Error::AuthenticationFailed`], deliberately without details, when it does not match.
+    pub fn verify(self, expected: &ExpectedMac) -> Result<(), Error> {
+        let actual: [u8; MAC_LEN] = self.mac.finalize().into_bytes().into();
+        if bool::from(actual.ct_eq(&expected.0)) {
+            Ok(())
+        } else {
+            Err(Error::AuthenticationFailed)
+        }
+    }
+}
+
+/// The tag a layer must verify against, checked for presence and length before any byte is
+/// decrypted. Zeroized on drop (a tag is not secret, but it is cheap to be tidy).
+pub struct ExpectedMac([u8; MAC_LEN]);
+
+impl ExpectedMac {
+    /// The expected tag from the public options' `hmac` bytes.
+    ///
+    /// # Errors
+    /// [`Error::MissingHmac`] when `bytes` is empty, [`Error::InvalidHmacLength`] when it is not
+    /// 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.is_empty() {
+            return Err(Error::MissingHmac);
+        }
+        let tag: [u8; MAC_LEN] = bytes.try_into().map_err(|_| Error::InvalidHmacLength {
+            expected: MAC_LEN,
+            got: bytes.len(),
+        })?;
+        Ok(Self(tag))
+    }
+}
+
+impl Drop for ExpectedMac {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
 /// Encrypts a layer in place, chunk by chunk: CTR first, then HMAC over the ciphertext.
 ///
 /// Consuming [`finish`](Self::finish) makes use after the end a compile error.
 #[doc(alias = "LayerBlockCipher")]
 pub struct LayerEncryptor {
-    ctr: Aes256Ctr,
-    mac: HmacSha256,
-    len: u64,
+    ks: Keystream,
+    mac: LayerMac,
 }
 
 impl LayerEncryptor {
     /// Starts encrypting with `key` and `nonce`.
     pub fn new(key: &LayerKey, nonce: &Nonce) -> Self {
         Self {
-            ctr: Aes256Ctr::new(key.as_bytes().into(), nonce.as_bytes().into()),
-            mac: <HmacSha256 as Mac>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length"),
-            len: 0,
+            ks: Keystream::new(key, nonce),
+            mac: LayerMac::new(key),
         }
     }
 
     /// Encrypts `buf` in place (plaintext in, ciphertext out) and feeds the MAC.
     pub fn update(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(INNER_CHUNK) {
-            self.ctr.apply_keystream(chunk);
+            self.ks.apply(chunk);
             self.mac.update(chunk);
         }
-        self.len += buf.len() as u64;
     }
 
     /// Number of bytes encrypted so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.ks.len()
     }
 
     /// Whether nothing has been encrypted yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.ks.is_empty()
     }
 
     /// Ends the stream and returns the HMAC over all ciphertext.
     pub fn finish(self) -> MacTag {
-        MacTag(self.mac.finalize().into_bytes().into())
+        self.mac.finish()
     }
 }
 
@@ -176,10 +288,9 @@ impl LayerEncryptor {
 ///
 /// Nothing is authenticated until [`verify`](Self::verify) succeeds.
 pub struct LayerDecryptor {
-    ctr: Aes256Ctr,
-    mac: HmacSha256,
-    expected: [u8; MAC_LEN],
-    len: u64,
+    ks: Keystream,
+    mac: LayerMac,
+    expected: ExpectedMac,
 }
 
 impl LayerDecryptor {
@@ -189,18 +300,11 @@ impl LayerDecryptor {
     /// [`Error::MissingHmac`] when `expected_mac` is empty, [`Error::InvalidHmacLength`] when it is
     /// not 32 bytes.
     pub fn new(key: &LayerKey, nonce: &Nonce, expected_mac: &[u8]) -> Result<Self, Error> {
-        if expected_mac.is_empty() {
-            return Err(Error::MissingHmac);
-        }
-        let expected: [u8; MAC_LEN] = expected_mac.try_into().map_err(|_| Error::InvalidHmacLength {
-            expected: MAC_LEN,
-            got: expected_mac.len(),
-        })?;
+        let expected = ExpectedMac::from_slice(expected_mac)?;
         Ok(Self {
-            ctr: Aes256Ctr::new(key.as_bytes().into(), nonce.as_bytes().into()),
-            mac: <HmacSha256 as Mac>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length"),
+            ks: Keystream::new(key, nonce),
+            mac: LayerMac::new(key),
             expected,
-            len: 0,
         })
     }
 
@@ -208,34 +312,26 @@ impl LayerDecryptor {
     pub fn update(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(INNER_CHUNK) {
             self.mac.update(chunk);
-            self.ctr.apply_keystream(chunk);
+            self.ks.apply(chunk);
         }
-        self.len += buf.len() as u64;
     }
 
     /// Number of bytes decrypted so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.ks.len()
     }
 
     /// Whether nothing has been decrypted yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.ks.is_empty()
     }
 
     /// Ends the stream and checks the MAC in constant time.
     ///
     /// # Errors
     /// [`Error::AuthenticationFailed`], deliberately without details, when the MAC does not match.
-    pub fn verify(mut self) -> Result<(), Error> {
-        let actual: [u8; MAC_LEN] = self.mac.finalize().into_bytes().into();
-        let ok: bool = actual.ct_eq(&self.expected).into();
-        self.expected.zeroize();
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::AuthenticationFailed)
-        }
+    pub fn verify(self) -> Result<(), Error> {
+        self.mac.verify(&self.expected)
     }
 }
 

@@ -481,26 +481,34 @@ async fn process_layer(
             ctx.progress.start(&short, layer.size(), "encrypt");
             let key = LayerKey::generate();
             let nonce = Nonce::generate();
-            // Three stages on their own threads, handing owned chunks along: source read +
-            // digest check | CTR + HMAC in place | destination digest + write.
+            // Four stages on their own threads, handing owned chunks along: source read +
+            // digest check | CTR in place | HMAC | destination digest + write.
             let pool = ChunkPool::standard();
             let plain = ctx.src.open_blob_chunks(layer, pool.clone()).await?;
-            let (tx, cipher_stream) = pipeline::chunk_channel(pipeline::DEPTH, pool);
-            let mut enc = cipher::LayerEncryptor::new(&key, &nonce);
+            let (ctr_tx, ctr_out) = pipeline::chunk_channel(pipeline::DEPTH, pool.clone());
+            let (mac_tx, cipher_stream) = pipeline::chunk_channel(pipeline::DEPTH, pool);
+            let mut ks = cipher::Keystream::new(&key, &nonce);
+            let mut mac = cipher::LayerMac::new(&key);
             let progress = Arc::clone(&ctx.progress);
             let id = short.clone();
-            let enc_task = tokio::task::spawn_blocking(move || {
-                let tx = cipher_stage(plain, tx, &*progress, &id, |c| enc.update(c))?;
+            let ctr_task = tokio::task::spawn_blocking(move || {
+                if let Some(tx) = cipher_stage(plain, ctr_tx, &*progress, &id, |c| ks.apply(c)) {
+                    tx.blocking_finish();
+                }
+            });
+            let mac_task = tokio::task::spawn_blocking(move || {
+                let tx = cipher_stage(ctr_out, mac_tx, &NoProgress, "", |c| mac.update(c))?;
                 tx.blocking_finish();
-                Some(enc.finish())
+                Some(mac.finish())
             });
             let written = ctx
                 .dst
                 .write_blob_chunks(&media, Some(layer.size()), cipher_stream)
                 .await;
-            let mac = enc_task
-                .await
-                .map_err(|e| Error::Image(format!("encrypt thread failed: {e}")))?;
+            let ctr_done = ctr_task.await;
+            let mac = mac_task.await;
+            ctr_done.map_err(|e| Error::Image(format!("encrypt thread failed: {e}")))?;
+            let mac = mac.map_err(|e| Error::Image(format!("MAC thread failed: {e}")))?;
             let (digest, size) = written?;
             let mac = mac.ok_or(Error::StreamNotFinished)?;
             // The source reader verified the plaintext against this digest at end-of-file, so it
@@ -525,19 +533,25 @@ async fn process_layer(
             let key = private.key()?;
             let nonce = public.nonce(&private)?;
             ctx.progress.start(&short, layer.size(), "decrypt");
-            let mut dec = cipher::LayerDecryptor::new(&key, &nonce, &public.hmac)?;
+            let expected = cipher::ExpectedMac::from_slice(&public.hmac)?;
+            let mut mac = cipher::LayerMac::new(&key);
+            let mut ks = cipher::Keystream::new(&key, &nonce);
+            // Four stages: source read + digest check | HMAC | CTR in place | destination digest
+            // + write. The MAC stage sees the ciphertext before the CTR stage overwrites it.
             let pool = ChunkPool::standard();
             let cipher_stream = ctx.src.open_blob_chunks(layer, pool.clone()).await?;
-            let (tx, plain) = pipeline::chunk_channel(pipeline::DEPTH, pool);
+            let (mac_tx, mac_out) = pipeline::chunk_channel(pipeline::DEPTH, pool.clone());
+            let (ctr_tx, plain) = pipeline::chunk_channel(pipeline::DEPTH, pool);
             let progress = Arc::clone(&ctx.progress);
             let id = short.clone();
-            let dec_task = tokio::task::spawn_blocking(move || {
-                let Some(tx) = cipher_stage(cipher_stream, tx, &*progress, &id, |c| dec.update(c)) else {
+            let mac_task = tokio::task::spawn_blocking(move || {
+                let Some(tx) = cipher_stage(cipher_stream, mac_tx, &*progress, &id, |c| mac.update(c)) else {
                     return false;
                 };
-                // The destination publishes only after this end marker: a MAC mismatch ends the
-                // stream with an error instead, and the destination discards what it wrote.
-                match dec.verify() {
+                // The destination publishes only after the end marker, which the CTR stage
+                // passes on: a MAC mismatch ends the stream with an error instead, and the
+                // destination discards what it wrote.
+                match mac.verify(&expected) {
                     Ok(()) => {
                         tx.blocking_finish();
                         true
@@ -548,10 +562,16 @@ async fn process_layer(
                     }
                 }
             });
+            let ctr_task = tokio::task::spawn_blocking(move || {
+                if let Some(tx) = cipher_stage(mac_out, ctr_tx, &NoProgress, "", |c| ks.apply(c)) {
+                    tx.blocking_finish();
+                }
+            });
             let written = ctx.dst.write_blob_chunks(&media, Some(layer.size()), plain).await;
-            let verified = dec_task
-                .await
-                .map_err(|e| Error::Image(format!("decrypt thread failed: {e}")))?;
+            let verified = mac_task.await;
+            let ctr_done = ctr_task.await;
+            let verified = verified.map_err(|e| Error::Image(format!("MAC thread failed: {e}")))?;
+            ctr_done.map_err(|e| Error::Image(format!("decrypt thread failed: {e}")))?;
             let (digest, size) = written?;
             if !verified {
                 return Err(Error::AuthenticationFailed);
