@@ -6,9 +6,11 @@
 #
 # Builds the release binaries, encrypts a one-layer OCI image with `imgcrypt encrypt` (JWE, RSA
 # key made by openssl), then runs the decoder the way containerd does (payload = protobuf Any on
-# fd 3, encrypted blob on stdin, STREAM_PROCESSOR_MEDIATYPE) in both output modes, checks the
-# output digest and prints the decoder's peak RSS (getrusage of the child: ru_maxrss) and its
-# throughput. Needs python3 and openssl; uses $TMPDIR for about 3x the layer size.
+# fd 3, encrypted blob on stdin, STREAM_PROCESSOR_MEDIATYPE, stdout to a file) in both output
+# modes, checks the output digest and prints the decoder's peak RSS (getrusage of the child: ru_maxrss) and its
+# throughput (wall clock, and CPU seconds of the decoder). Needs python3 and openssl; uses $TMPDIR
+# for about 3x the layer size. DECODER=path runs another decoder build on the same input (to
+# compare two builds, run the script once per build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB="${1:-1024}"
@@ -59,7 +61,7 @@ PY
 "$BIN/imgcrypt" encrypt -q --recipient "jwe:$WORK/pub.pem" "oci:$WORK/src:v1" "oci:$WORK/enc:v1"
 rm -rf "$WORK/src"
 
-python3 - "$WORK" "$BIN/imgcrypt-decoder" <<'PY'
+python3 - "$WORK" "${DECODER:-$BIN/imgcrypt-decoder}" <<'PY'
 import hashlib, json, os, resource, subprocess, sys, time
 work, decoder = sys.argv[1], sys.argv[2]
 enc = os.path.join(work, "enc")
@@ -89,27 +91,32 @@ for mode in (["--spool-dir", os.path.join(work, "spool")], ["--stream"]):
             os.dup2(pfd, 3)
         os.set_inheritable(3, True)  # dup2(3, 3) would leave close-on-exec set
     env = dict(os.environ, STREAM_PROCESSOR_MEDIATYPE=layer["mediaType"])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = ru0.ru_maxrss
     t0 = time.monotonic()
-    with open(blob(layer["digest"]), "rb") as stdin:
+    out_path = os.path.join(work, "out")
+    # stdout goes to a file (on the work directory's file system), hashed after the run, so the
+    # time and CPU measured are the decoder's alone.
+    with open(blob(layer["digest"]), "rb") as stdin, open(out_path, "wb") as out:
         p = subprocess.Popen([decoder, "--decryption-keys-path", os.path.join(work, "keys")] + mode,
-                             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=stdin, stdout=out, stderr=subprocess.PIPE,
                              preexec_fn=fd3, close_fds=False, env=env)
-        h = hashlib.sha256()
-        n = 0
-        while True:
-            chunk = p.stdout.read(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
         err = p.stderr.read().decode()
         rc = p.wait()
     dt = time.monotonic() - t0
     os.close(pfd)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss = ru1.ru_maxrss
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     assert rc == 0, f"decoder failed: {err}"
+    h = hashlib.sha256()
+    n = 0
+    with open(out_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    os.remove(out_path)
     assert n == size and h.hexdigest() == want, "plaintext digest mismatch"
     peak = f"{rss} KiB" if rss > before else f"<= {before} KiB (not above an earlier child)"
-    print(f"{' '.join(mode):<40} peak RSS {peak}, {n / dt / 2**20:.0f} MiB/s ({dt:.1f} s)")
+    print(f"{' '.join(mode):<40} peak RSS {peak}, {n / dt / 2**20:.0f} MiB/s ({dt:.2f} s wall, {cpu:.2f} s CPU)")
 PY

@@ -79,8 +79,8 @@ pub const PAYLOAD_PROCESSOR_IDS: [&str; 2] = [
 /// The default key directory of containerd (`docs/cri/decryption.md`).
 pub const DEFAULT_KEYS_PATH: &str = "/etc/containerd/ocicrypt/keys";
 
-/// I/O buffer size of the copy loops.
-const BUF_LEN: usize = 256 * 1024;
+/// Capacity of the hold-back buffer beyond [`STREAM_HOLD_BACK`] (one cipher chunk).
+const BUF_LEN: usize = crate::cipher::parallel::CHUNK;
 
 /// Why the decoder failed. Every message is one line that names the layer or the file
 /// involved and says what to do; none contains key material.
@@ -925,20 +925,11 @@ fn spool_then_copy<R: Read, W: Write>(
     spool
         .seek(SeekFrom::Start(0))
         .map_err(DecoderError::io("rewinding the spool file"))?;
-    let mut buf = vec![0u8; BUF_LEN];
-    let mut copied = 0u64;
-    loop {
-        let n = match spool.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DecoderError::io("reading the spool file")(e)),
-        };
-        output
-            .write_all(&buf[..n])
-            .map_err(DecoderError::io("writing the decrypted layer to stdout"))?;
-        copied += n as u64;
-    }
+    // `io::copy` from a file to a file or pipe is done in the kernel (copy_file_range, sendfile
+    // or splice), without passing the bytes through user space.
+    let copied = io::copy(&mut spool, &mut output).map_err(DecoderError::io(
+        "copying the verified layer from the spool file to stdout",
+    ))?;
     output
         .flush()
         .map_err(DecoderError::io("writing the decrypted layer to stdout"))?;
