@@ -621,8 +621,8 @@ async fn process_layer(
     }
 }
 
-/// The cipher stage of a layer, on a blocking thread: applies `f` to each chunk of `input` in
-/// place and passes it on to `output`, reporting progress. Returns `output` when `input` ended
+/// A cipher stage of a layer (CTR or HMAC), on a blocking thread: applies `f` to each chunk of
+/// `input` in place and passes it on to `output`, reporting progress. Returns `output` when `input` ended
 /// cleanly, for the caller to end it; on an error in `input` it forwards the error to `output`
 /// and returns `None`, as it does when `output`'s receiver is gone.
 fn cipher_stage(

@@ -1,12 +1,13 @@
-//! Pipelining: the stages of one layer (source read + digest check, CTR + HMAC, destination
+//! Pipelining: the stages of one layer (source read + digest check, CTR, HMAC, destination
 //! digest + write) run on their own threads and hand owned chunks to each other, so one layer
-//! uses every core, and no byte is copied between stages.
+//! uses up to four cores, and no byte is copied between stages.
 //!
 //! ```text
-//!  source ──chunks──► cipher stage ──chunks──► destination
-//!  (read + sha256)    (CTR + HMAC, in place)   (sha256 + write)
-//!         ▲                                          │
-//!         └──────────── buffer pool ◄────────────────┘
+//!  encrypt:  source ──► CTR (in place) ──► HMAC ──► destination
+//!  decrypt:  source ──► HMAC ──► CTR (in place) ──► destination
+//!  (source: read + sha256; destination: sha256 + write)
+//!      ▲                                               │
+//!      └──────────────── buffer pool ◄─────────────────┘
 //! ```
 //!
 //! A chunk stream ([`ChunkReceiver`]) ends with an explicit end marker: a stream whose producer
@@ -14,7 +15,7 @@
 //! end, so a destination cannot publish a truncated blob. Errors (a digest mismatch at the
 //! source, a MAC mismatch) travel in order after the bytes before them. At most `depth` chunks
 //! wait between two stages and buffers are recycled through a [`ChunkPool`], so memory per layer
-//! is bounded by about `(2 × depth + 3) × chunk` whatever the layer size.
+//! is bounded by about `(3 × depth + 4) × chunk` whatever the layer size.
 
 use std::io;
 use std::pin::Pin;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 /// Chunk size handed between stages.
 pub const CHUNK: usize = 512 * 1024;
 /// Chunks in flight between two stages.
-pub const DEPTH: usize = 3;
+pub const DEPTH: usize = 2;
 /// Layers in flight whose buffers [`ChunkPool::standard`] keeps for reuse.
 pub const STANDARD_POOL_LAYERS: usize = 4;
 
@@ -55,7 +56,7 @@ impl ChunkPool {
     /// new ones from other threads' malloc arenas (which keep freed memory resident).
     pub fn standard() -> Self {
         static POOL: std::sync::OnceLock<ChunkPool> = std::sync::OnceLock::new();
-        POOL.get_or_init(|| Self::new(CHUNK, STANDARD_POOL_LAYERS * (2 * DEPTH + 3)))
+        POOL.get_or_init(|| Self::new(CHUNK, STANDARD_POOL_LAYERS * (3 * DEPTH + 4)))
             .clone()
     }
 
