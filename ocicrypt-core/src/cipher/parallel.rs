@@ -1,18 +1,18 @@
 //! The layer cipher on two threads: AES-256-CTR on one, HMAC-SHA256 on the other.
 //!
 //! One thread running [`LayerEncryptor`](super::LayerEncryptor) does both halves back to back,
-//! so its throughput is `1 / (1/AES + 1/SHA-256)`. Here the halves run side by side and hand
-//! owned buffers along a bounded channel, so the slower half alone (SHA-256) bounds the
-//! throughput, on any machine with two cores:
+//! so its throughput is `1 / (1/AES + 1/SHA-256)`. Here the halves run side by side, and the
+//! caller's thread only reads; they hand owned buffers along bounded channels, so the slower half
+//! alone (SHA-256) bounds the throughput, on any machine with two cores:
 //!
 //! ```text
-//!  encrypt:  read + CTR (caller's thread) ──buffers──► HMAC + write (scoped thread)
-//!  decrypt:  read + HMAC (caller's thread) ──buffers──► CTR + write (scoped thread)
-//!                         ▲                                   │
-//!                         └────────── empty buffers ◄─────────┘
+//!  encrypt:  read (caller's thread) ──► CTR ──► HMAC + write
+//!  decrypt:  read (caller's thread) ──► HMAC ──► CTR + write
+//!                 ▲                                  │
+//!                 └──────── empty buffers ◄──────────┘
 //! ```
 //!
-//! Memory is bounded: at most `DEPTH + 2` buffers of [`CHUNK`] bytes per call.
+//! Memory is bounded: at most `2 × DEPTH + 3` buffers of [`CHUNK`] bytes per call.
 //!
 //! # ⚠️ Unauthenticated output
 //! [`decrypt`] writes plaintext before the MAC can be checked (it covers the whole layer). The
@@ -25,10 +25,10 @@ use std::sync::mpsc;
 use super::{ExpectedMac, Keystream, LayerKey, LayerMac, MacTag, Nonce};
 use crate::Error;
 
-/// Size of the buffers handed between the two threads.
+/// Size of the buffers handed between the threads.
 pub const CHUNK: usize = 256 * 1024;
-/// Buffers waiting between the two threads.
-const DEPTH: usize = 4;
+/// Buffers waiting between two threads.
+const DEPTH: usize = 2;
 
 enum Msg {
     Data(Vec<u8>),
@@ -76,23 +76,41 @@ pub fn decrypt<R: Read, W: Write + Send>(
     Ok((dst, n))
 }
 
-/// Reads `src` in [`CHUNK`]s, applies `first` on the caller's thread and `second` then the write
-/// on a scoped thread.
+/// Reads `src` in [`CHUNK`]s on the caller's thread, applies `first` on one scoped thread and
+/// `second` then the write on another. Reading has its own thread so that the copy out of `src`
+/// does not slow down whichever half is the slower one (SHA-256).
 fn two_stages<R: Read, W: Write + Send>(
     mut src: R,
     mut dst: W,
-    mut first: impl FnMut(&mut [u8]),
+    mut first: impl FnMut(&mut [u8]) + Send,
     mut second: impl FnMut(&mut [u8]) + Send,
 ) -> io::Result<(W, u64)> {
-    let (full_tx, full_rx) = mpsc::sync_channel::<Msg>(DEPTH);
+    let (read_tx, read_rx) = mpsc::sync_channel::<Msg>(DEPTH);
+    let (mid_tx, mid_rx) = mpsc::sync_channel::<Msg>(DEPTH);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..DEPTH + 2 {
+    for _ in 0..2 * DEPTH + 3 {
         // Allocated on first use.
         empty_tx.send(Vec::new()).expect("receiver is alive");
     }
     std::thread::scope(|s| {
+        s.spawn(move || {
+            // Ends without an end marker when the reader stopped early (its error is reported)
+            // or the writer is gone (its error is reported).
+            while let Ok(msg) = read_rx.recv() {
+                let msg = match msg {
+                    Msg::Data(mut buf) => {
+                        first(&mut buf);
+                        Msg::Data(buf)
+                    }
+                    Msg::End => Msg::End,
+                };
+                if mid_tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
         let writer = s.spawn(move || -> io::Result<W> {
-            while let Ok(msg) = full_rx.recv() {
+            while let Ok(msg) = mid_rx.recv() {
                 match msg {
                     Msg::Data(mut buf) => {
                         second(&mut buf);
@@ -119,17 +137,16 @@ fn two_stages<R: Read, W: Write + Send>(
                     break;
                 }
                 buf.truncate(n);
-                first(&mut buf);
                 total += n as u64;
-                if full_tx.send(Msg::Data(buf)).is_err() {
+                if read_tx.send(Msg::Data(buf)).is_err() {
                     // The writer failed; its error is reported below.
                     return Ok(());
                 }
             }
-            let _ = full_tx.send(Msg::End);
+            let _ = read_tx.send(Msg::End);
             Ok(())
         })();
-        drop(full_tx);
+        drop(read_tx);
         let written = writer
             .join()
             .map_err(|_| io::Error::other("the layer cipher's writer thread panicked"))?;
