@@ -812,12 +812,12 @@ impl Decoder {
         let key = private.key().map_err(opts_err)?;
         let nonce = public.nonce(&private).map_err(opts_err)?;
         // Refuse a missing or malformed tag before reading any input.
-        ExpectedMac::from_slice(&public.hmac).map_err(opts_err)?;
+        let mac = ExpectedMac::from_slice(&public.hmac).map_err(opts_err)?;
         drop(private);
         let layer = LayerParams {
             key: &key,
             nonce: &nonce,
-            mac: &public.hmac,
+            mac: &mac,
             digest: &digest,
         };
         let bytes = match &self.output {
@@ -900,7 +900,7 @@ fn decrypt_into<R: Read, W: Write + Send>(
 struct LayerParams<'a> {
     key: &'a LayerKey,
     nonce: &'a Nonce,
-    mac: &'a [u8],
+    mac: &'a ExpectedMac,
     digest: &'a str,
 }
 

@@ -122,7 +122,7 @@ proptest! {
         prop_assert_eq!(&pct, &want_ct);
         prop_assert_eq!(pmac.0, want_mac);
         let (pback, _) =
-            cipher::parallel::decrypt(Chunky { data: &ct, sizes: sizes.clone(), i: 0 }, Vec::new(), &key, &nonce, &want_mac).unwrap();
+            cipher::parallel::decrypt(Chunky { data: &ct, sizes: sizes.clone(), i: 0 }, Vec::new(), &key, &nonce, &ExpectedMac::from_slice(&want_mac).unwrap()).unwrap();
         prop_assert_eq!(&pback, &data);
 
         // The split halves, each fed in its own chunking, as two pipeline stages would.
@@ -159,7 +159,7 @@ proptest! {
         // Sticky.
         prop_assert!(r.read(&mut [0u8; 4]).is_err());
         prop_assert!(matches!(
-            cipher::parallel::decrypt(&ct[..], Vec::new(), &key, &nonce, mac.as_bytes()),
+            cipher::parallel::decrypt(&ct[..], Vec::new(), &key, &nonce, &ExpectedMac::from_slice(mac.as_bytes()).unwrap()),
             Err(Error::AuthenticationFailed)
         ));
         let mut m = LayerMac::new(&key);
@@ -186,11 +186,11 @@ proptest! {
         d.update(&mut s);
         prop_assert!(matches!(d.verify(), Err(Error::AuthenticationFailed)));
         prop_assert!(matches!(
-            cipher::parallel::decrypt(short, Vec::new(), &key, &nonce, mac.as_bytes()),
+            cipher::parallel::decrypt(short, Vec::new(), &key, &nonce, &ExpectedMac::from_slice(mac.as_bytes()).unwrap()),
             Err(Error::AuthenticationFailed)
         ));
         prop_assert!(matches!(
-            cipher::parallel::decrypt(&ct[..], Vec::new(), &key, &nonce, &bad),
+            cipher::parallel::decrypt(&ct[..], Vec::new(), &key, &nonce, &ExpectedMac::from_slice(&bad).unwrap()),
             Err(Error::AuthenticationFailed)
         ));
     }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use super::{LayerDecryptor, LayerEncryptor, LayerKey, MacTag, Nonce};
+use super::{ExpectedMac, LayerDecryptor, LayerEncryptor, LayerKey, MacTag, Nonce};
 use crate::Error;
 
 /// Turns a crate error into an `io::Error` that can be downcast back.
@@ -238,25 +238,6 @@ impl<W: Write> Write for DecryptWriter<W> {
     }
 }
 
-/// Copies `reader` to `writer` with a large buffer; returns the bytes copied.
-///
-/// # Errors
-/// I/O errors of either side.
-pub fn copy_large<R: Read + ?Sized, W: Write + ?Sized>(reader: &mut R, writer: &mut W) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        writer.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-}
-
 /// Decrypts `ciphertext` into `dest` safely: the plaintext goes to a temporary file beside
 /// `dest`, is synced, and is renamed into place only after the MAC has been verified. On any
 /// failure nothing is left at `dest` (an existing file there is untouched) and the temporary
@@ -271,9 +252,10 @@ pub fn decrypt_to_path<R: Read>(
     expected_mac: &[u8],
     dest: &Path,
 ) -> Result<u64, Error> {
-    // CTR and HMAC on two threads; the file is renamed into place only after the MAC verified.
-    crate::cipher::ExpectedMac::from_slice(expected_mac)?;
+    // A missing or malformed tag fails here, before a temporary file exists. CTR and HMAC run
+    // on two threads; the file is renamed into place only after the MAC verified.
+    let expected = ExpectedMac::from_slice(expected_mac)?;
     crate::fsutil::write_atomic(dest, |file: &mut File| {
-        super::parallel::decrypt(ciphertext, file, key, nonce, expected_mac).map(|(_, n)| n)
+        super::parallel::decrypt(ciphertext, file, key, nonce, &expected).map(|(_, n)| n)
     })
 }

@@ -10,7 +10,9 @@
 //! I/O. The [`io`] module wraps them in `Read`/`Write` adapters and [`tokio`](self::tokio) (feature
 //! `tokio`) in `AsyncRead` adapters. [`Keystream`] (CTR) and [`LayerMac`] (HMAC) are the two
 //! halves on their own, for callers that run them on different threads: [`parallel`] does that
-//! for a reader and a writer, the image pipeline gives each half its own stage. The format is the one containers/ocicrypt writes: the
+//! for a reader and a writer, the image pipeline gives each half its own stage.
+//!
+//! The format is the one containers/ocicrypt writes: the
 //! 16-byte nonce is the initial counter block, incremented as a 128-bit big-endian integer, and
 //! the MAC covers the ciphertext only, keyed with the same 32-byte key.
 //!
@@ -167,7 +169,6 @@ impl Keystream {
 /// The MAC half of the layer cipher: HMAC-SHA256 over the ciphertext, keyed with the layer key.
 pub struct LayerMac {
     mac: HmacSha256,
-    len: u64,
 }
 
 impl LayerMac {
@@ -175,24 +176,12 @@ impl LayerMac {
     pub fn new(key: &LayerKey) -> Self {
         Self {
             mac: <HmacSha256 as Mac>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length"),
-            len: 0,
         }
     }
 
     /// Feeds the next ciphertext bytes.
     pub fn update(&mut self, ciphertext: &[u8]) {
         self.mac.update(ciphertext);
-        self.len += ciphertext.len() as u64;
-    }
-
-    /// Number of bytes fed so far.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether nothing has been fed yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The tag over everything fed.

@@ -54,11 +54,11 @@ pub fn encrypt<R: Read, W: Write + Send>(
 }
 
 /// Decrypts everything `src` yields into `dst`, HMAC and CTR on two threads, then checks the
-/// MAC. Returns `dst` (flushed) and the number of bytes. See the module's warning: what `dst`
-/// received is authenticated only once this returned `Ok`.
+/// MAC against `expected` (validated by the caller, so that a malformed tag fails before any
+/// output exists). Returns `dst` (flushed) and the number of bytes. See the module's warning:
+/// what `dst` received is authenticated only once this returned `Ok`.
 ///
 /// # Errors
-/// [`Error::MissingHmac`] / [`Error::InvalidHmacLength`] before any byte is read,
 /// [`Error::Io`] for I/O errors of either side, [`Error::AuthenticationFailed`] when the MAC
 /// does not match.
 pub fn decrypt<R: Read, W: Write + Send>(
@@ -66,13 +66,12 @@ pub fn decrypt<R: Read, W: Write + Send>(
     dst: W,
     key: &LayerKey,
     nonce: &Nonce,
-    expected_mac: &[u8],
+    expected: &ExpectedMac,
 ) -> Result<(W, u64), Error> {
-    let expected = ExpectedMac::from_slice(expected_mac)?;
     let mut mac = LayerMac::new(key);
     let mut ks = Keystream::new(key, nonce);
     let (dst, n) = two_stages(src, dst, |b| mac.update(b), |b| ks.apply(b)).map_err(Error::Io)?;
-    mac.verify(&expected)?;
+    mac.verify(expected)?;
     Ok((dst, n))
 }
 
@@ -174,6 +173,10 @@ mod tests {
     use super::*;
     use crate::cipher::{decrypt_in_place, encrypt_in_place};
 
+    fn checked(bytes: &[u8]) -> ExpectedMac {
+        ExpectedMac::from_slice(bytes).expect("a 32-byte tag")
+    }
+
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 31 + i / 253) as u8).collect()
     }
@@ -201,7 +204,7 @@ mod tests {
             assert_eq!(len, n as u64);
             assert_eq!(ct, expected, "ciphertext at {n} bytes");
             assert_eq!(mac, tag, "tag at {n} bytes");
-            let (back, len) = decrypt(&ct[..], Vec::new(), &key, &nonce, mac.as_bytes()).unwrap();
+            let (back, len) = decrypt(&ct[..], Vec::new(), &key, &nonce, &checked(mac.as_bytes())).unwrap();
             assert_eq!(len, n as u64);
             assert_eq!(back, plain, "plaintext at {n} bytes");
             let mut again = ct.clone();
@@ -218,20 +221,17 @@ mod tests {
         let mut bad_tag = *mac.as_bytes();
         bad_tag[31] ^= 1;
         assert!(matches!(
-            decrypt(&ct[..], Vec::new(), &key, &nonce, &bad_tag),
+            decrypt(&ct[..], Vec::new(), &key, &nonce, &checked(&bad_tag)),
             Err(Error::AuthenticationFailed)
         ));
         ct[CHUNK + 3] ^= 0x40;
         assert!(matches!(
-            decrypt(&ct[..], Vec::new(), &key, &nonce, mac.as_bytes()),
+            decrypt(&ct[..], Vec::new(), &key, &nonce, &checked(mac.as_bytes())),
             Err(Error::AuthenticationFailed)
         ));
+        assert!(matches!(ExpectedMac::from_slice(&[]), Err(Error::MissingHmac)));
         assert!(matches!(
-            decrypt(&ct[..], Vec::new(), &key, &nonce, &[]),
-            Err(Error::MissingHmac)
-        ));
-        assert!(matches!(
-            decrypt(&ct[..], Vec::new(), &key, &nonce, &[0; 31]),
+            ExpectedMac::from_slice(&[0; 31]),
             Err(Error::InvalidHmacLength { .. })
         ));
     }
@@ -271,12 +271,12 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
         let e = encrypt(&data(10 * CHUNK)[..], FailAfter(CHUNK + 9), &key, &nonce).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::StorageFull);
-        let tag = [0u8; 32];
-        match decrypt(FailAfter(CHUNK / 2), Vec::new(), &key, &nonce, &tag) {
+        let zero = checked(&[0u8; 32]);
+        match decrypt(FailAfter(CHUNK / 2), Vec::new(), &key, &nonce, &zero) {
             Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
             other => panic!("expected the source's error, got {other:?}"),
         }
-        match decrypt(&data(10 * CHUNK)[..], FailAfter(5), &key, &nonce, &tag) {
+        match decrypt(&data(10 * CHUNK)[..], FailAfter(5), &key, &nonce, &zero) {
             Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::StorageFull),
             other => panic!("expected the sink's error, got {other:?}"),
         }

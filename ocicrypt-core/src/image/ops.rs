@@ -338,7 +338,7 @@ async fn process_manifest(
             let image_name = image_name.clone();
             async move {
                 let digest = layer.digest().to_string();
-                let handle = tokio::spawn(async move { process_layer(&ctx, &layer, action, i).await });
+                let handle = tokio::spawn(async move { process_layer(&ctx, &layer, action).await });
                 let res = match handle.await {
                     Ok(r) => r,
                     Err(e) => Err(Error::Image(format!("layer task failed: {e}"))),
@@ -454,12 +454,7 @@ fn without_enc(desc: &Descriptor) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn process_layer(
-    ctx: &Arc<Ctx>,
-    layer: &Descriptor,
-    action: Action,
-    index: usize,
-) -> Result<Descriptor, Error> {
+async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Result<Descriptor, Error> {
     let id = format!("{}", layer.digest());
     let short = id
         .trim_start_matches("sha256:")
@@ -581,7 +576,6 @@ async fn process_layer(
             d.set_annotations(if ann.is_empty() { None } else { Some(ann) });
             d.set_urls(layer.urls().clone());
             ctx.progress.finish(&short);
-            let _ = index;
             Ok(d)
         }
         Action::Rewrap => {
