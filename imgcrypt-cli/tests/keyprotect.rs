@@ -3,22 +3,30 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{imgcrypt, imgcrypt_env, layer_blobs, oci};
 use keyprotect_client::emulator::Emulator;
 use testkit::image::{write_image, Compression, LayerSpec};
 use testkit::tools::{have_tool, openssl_keypair};
+
+/// A Key Protect emulator holding one root key named `name`, and its configuration written to
+/// `dir` for `IMGCRYPT_KEYPROTECT_CONFIG`: (emulator, root key id, config path).
+fn kp_with_root(dir: &Path, name: &str) -> (Emulator, String, String) {
+    let emu = Emulator::start().unwrap();
+    let root = emu.handle().create_root_key(name);
+    let cfg = dir.join("kp.json");
+    std::fs::write(&cfg, emu.config_json()).unwrap();
+    (emu, root, cfg.display().to_string())
+}
 
 #[test]
 fn keyprotect_recipient_and_key() {
     if !have_tool("openssl") {
         return;
     }
-    let emu = Emulator::start().unwrap();
-    let root = emu.handle().create_root_key("imgcrypt-test");
     let t = tempfile::tempdir().unwrap();
-    let cfg = t.path().join("kp.json");
-    std::fs::write(&cfg, emu.config_json()).unwrap();
-    let cfg_s = cfg.display().to_string();
+    let (emu, root, cfg_s) = kp_with_root(t.path(), "imgcrypt-test");
     let env = [("IMGCRYPT_KEYPROTECT_CONFIG", cfg_s.as_str())];
     let (priv_a, pub_a) = openssl_keypair(t.path(), "a", "p256");
     let src = t.path().join("src");
@@ -96,12 +104,8 @@ fn kp_wrap_unwrap_roundtrip() {
     if !have_tool("openssl") {
         return;
     }
-    let emu = Emulator::start().unwrap();
-    let root = emu.handle().create_root_key("kp-key");
     let t = tempfile::tempdir().unwrap();
-    let cfg = t.path().join("kp.json");
-    std::fs::write(&cfg, emu.config_json()).unwrap();
-    let cfg_s = cfg.display().to_string();
+    let (emu, root, cfg_s) = kp_with_root(t.path(), "kp-key");
     let env = [("IMGCRYPT_KEYPROTECT_CONFIG", cfg_s.as_str())];
     let (priv_a, _) = openssl_keypair(t.path(), "a", "rsa2048");
     let r = imgcrypt_env(

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{imgcrypt, imgcrypt_env, layer_blobs, layer_types, oci, vectors};
 use testkit::image::{write_image, write_multiarch, Compression, LayerSpec};
@@ -28,17 +28,23 @@ fn src_image(dir: &Path) {
     );
 }
 
+/// A fresh registry, a work directory, and the three-layer source image in `WORK/src`.
+fn registry_and_source() -> (Registry, tempfile::TempDir, PathBuf) {
+    let reg = Registry::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    src_image(&src);
+    (reg, t, src)
+}
+
 #[test]
 fn push_encrypted_then_skopeo_and_us_decrypt() {
     if !tools() {
         return;
     }
-    let reg = Registry::start();
-    let t = tempfile::tempdir().unwrap();
+    let (reg, t, src) = registry_and_source();
     let (priv_a, pub_a) = openssl_keypair(t.path(), "a", "rsa2048");
     let (priv_b, pub_b) = openssl_keypair(t.path(), "b", "p256");
-    let src = t.path().join("src");
-    src_image(&src);
     let enc_ref = reg.image("team/app:enc");
 
     imgcrypt(&[
@@ -125,11 +131,8 @@ fn skopeo_encrypted_push_is_decrypted_by_us() {
     if !tools() {
         return;
     }
-    let reg = Registry::start();
-    let t = tempfile::tempdir().unwrap();
+    let (reg, t, src) = registry_and_source();
     let (priv_a, pub_a) = openssl_keypair(t.path(), "a", "rsa2048");
-    let src = t.path().join("src");
-    src_image(&src);
     let r = reg.image("skopeo/enc:v1");
     skopeo_ok(&[
         "copy",
@@ -223,13 +226,10 @@ fn recipients_add_and_remove_in_the_registry() {
     if !tools() {
         return;
     }
-    let reg = Registry::start();
-    let t = tempfile::tempdir().unwrap();
+    let (reg, t, src) = registry_and_source();
     let (priv_a, pub_a) = openssl_keypair(t.path(), "a", "rsa2048");
     let (priv_b, pub_b) = openssl_keypair(t.path(), "b", "p256");
     let (a, b) = (priv_a.display().to_string(), priv_b.display().to_string());
-    let src = t.path().join("src");
-    src_image(&src);
     let r = reg.image("rk/app:v1");
     imgcrypt(&[
         NO_TLS,
@@ -389,11 +389,8 @@ fn docker_schema2_source_registry_to_registry_and_digest_references() {
     if !tools() {
         return;
     }
-    let reg = Registry::start();
-    let t = tempfile::tempdir().unwrap();
+    let (reg, t, src) = registry_and_source();
     let (priv_a, pub_a) = openssl_keypair(t.path(), "a", "rsa2048");
-    let src = t.path().join("src");
-    src_image(&src);
     // A Docker schema 2 image, as most registries serve them.
     let docker = reg.image("d/app:v2s2");
     skopeo_ok(&[
