@@ -293,36 +293,18 @@ fn layout_with_jwe(dir: &Path, jwe_blob: &[u8]) -> PathBuf {
     layout
 }
 
-/// `skopeo copy --decryption-key KEY oci:SRC:v1 oci:DST:v1`, bounded to two minutes; returns the
-/// decrypted layer blob or skopeo's stderr.
+/// `skopeo copy --decryption-key KEY oci:SRC:v1 oci:DST:v1` (bounded by `testkit::tools::skopeo`);
+/// returns the decrypted layer blob or skopeo's stderr.
 fn skopeo_decrypt(src: &Path, dst: &Path, key_file: &Path) -> Result<Vec<u8>, String> {
-    let mut child = Command::new("skopeo")
-        .arg("--insecure-policy")
-        .arg("copy")
-        .arg("--decryption-key")
-        .arg(key_file)
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(format!("oci:{}:v1", dst.display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("skopeo did not finish within 120 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    if !status.success() {
-        return Err(stderr);
+    let out = testkit::tools::skopeo(&[
+        "copy",
+        "--decryption-key",
+        &key_file.display().to_string(),
+        &format!("oci:{}:v1", src.display()),
+        &format!("oci:{}:v1", dst.display()),
+    ]);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     let index: Value = serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
     let manifest: Value =
@@ -463,36 +445,18 @@ fn skopeo_encrypt(dir: &Path, recipient_files: &[PathBuf]) -> Result<PathBuf, St
     let src = dir.join("src");
     copy_dir(&vectors().join("layouts/src"), &src);
     let dst = dir.join("enc");
-    let mut cmd = Command::new("skopeo");
-    cmd.arg("--insecure-policy").arg("copy");
+    let mut args = vec!["copy".to_owned()];
     for f in recipient_files {
-        cmd.arg("--encryption-key").arg(format!("jwe:{}", f.display()));
+        args.push("--encryption-key".to_owned());
+        args.push(format!("jwe:{}", f.display()));
     }
-    let mut child = cmd
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(format!("oci:{}:v1", dst.display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("skopeo did not finish within 120 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    if status.success() {
+    args.push(format!("oci:{}:v1", src.display()));
+    args.push(format!("oci:{}:v1", dst.display()));
+    let out = testkit::tools::skopeo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    if out.status.success() {
         Ok(dst)
     } else {
-        Err(stderr)
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

@@ -28,11 +28,50 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
-/// Runs skopeo with `--insecure-policy` (tests own their images) and returns its output.
+/// How long one skopeo run may take before [`skopeo`] kills it and fails the test.
+pub const SKOPEO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs skopeo with `--insecure-policy` (tests own their images) and returns its output. A run
+/// that takes longer than [`SKOPEO_TIMEOUT`] is killed and fails the test.
 pub fn skopeo(args: &[&str]) -> Output {
-    let mut cmd = Command::new("skopeo");
-    cmd.arg("--insecure-policy").args(args);
-    cmd.output().expect("skopeo runs")
+    let mut child = Command::new("skopeo")
+        .arg("--insecure-policy")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("skopeo runs");
+    // Drained on their own threads, so a chatty skopeo cannot block on a full pipe.
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let deadline = std::time::Instant::now() + SKOPEO_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for skopeo") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "skopeo {} did not finish within {SKOPEO_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+fn drain<R: std::io::Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
 }
 
 /// Runs skopeo and panics with its stderr on failure.
