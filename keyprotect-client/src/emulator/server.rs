@@ -200,22 +200,11 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
     Ok(resp)
 }
 
+/// Percent-decodes a path segment or query value (invalid escapes stay as they are).
 fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn query_param(q: Option<&str>, name: &str) -> Option<String> {
@@ -1282,5 +1271,6 @@ mod tests {
     fn pct() {
         assert_eq!(pct_decode("a%20b%2"), "a b%2");
         assert_eq!(pct_decode("%41"), "A");
+        assert_eq!(pct_decode("%+1%aé"), "%+1%aé");
     }
 }
