@@ -28,8 +28,8 @@
 //!   (everything but the last 10 KiB released before the MAC is known), for nodes without
 //!   scratch space; it still exits non-zero on a bad MAC, which fails containerd's unpack.
 //!   Memory stays bounded either way (a few 256 KiB buffers, whatever the layer size);
-//! * HMAC and CTR run on two threads ([`crate::cipher::parallel`]), so a layer decrypts at the
-//!   speed of SHA-256 alone on a node with two free cores;
+//! * HMAC and CTR run on two threads ([`crate::cipher::parallel`]), so on a node with two free
+//!   cores SHA-256 alone bounds a layer's decryption;
 //! * every failure is one line on stderr saying what is wrong and what to do.
 //!
 //! The protobuf envelope is decoded by hand ([`decode_any`]): it is two length-delimited
