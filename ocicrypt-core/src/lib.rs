@@ -14,7 +14,9 @@
 //! * [`image`]: image operations over OCI layouts and other stores (encrypt, decrypt, add and
 //!   remove recipients, inspect, check authorization);
 //! * [`keyprovider`]: the client side of the ocicrypt key-provider protocol;
-//! * [`fsutil`]: atomic, synced file writes.
+//! * [`fsutil`]: atomic, synced file writes;
+//! * [`redact`]: the one rule for messages (no key material or secret quoted, input shown only
+//!   as a short sanitized token).
 //!
 //! ## Crate features
 //! * `jwe` (default): JWE key wrapping and key parsing (OpenSSL).
@@ -55,6 +57,7 @@ pub mod keys;
 pub mod keywrap;
 pub mod mediatype;
 pub mod options;
+pub mod redact;
 #[cfg(feature = "jwe")]
 pub mod stream_processor;
 
