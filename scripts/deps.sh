@@ -16,6 +16,10 @@ IMGCRYPT_DEBIAN_PACKAGES=(
   containerd runc busybox-static
   # layers
   zstd gzip tar
+  # scripts/agent-image: strip, the CA bundle
+  binutils ca-certificates
+  # deploy/monitoring checks (promtool)
+  prometheus
 )
 
 imgcrypt_install_deps() {
@@ -30,5 +34,11 @@ imgcrypt_install_deps() {
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+  # kubectl (for `kubectl kustomize` of deploy/): whatever kubectl is on PATH, else Debian's.
+  if ! command -v kubectl >/dev/null; then
+    echo "installing Debian package: kubernetes-client (kubectl)" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends kubernetes-client >&2
   fi
 }

@@ -214,7 +214,12 @@ fn dockerfile_builds_the_agent() {
     let d = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
     assert!(d.contains("-p keysync-agent"));
     assert!(d.contains("ENTRYPOINT [\"/usr/local/bin/keysync-agent\"]"));
-    assert!(d.contains("libssl3"), "the binary links OpenSSL");
+    // The runtime content is what scripts/agent-image assembles (the binary, the libraries it
+    // links, the CA bundle), in an image with nothing else.
+    assert!(d.contains("scripts/agent-image --rootfs /rootfs"));
+    assert!(d.contains("FROM scratch\nCOPY --from=build /rootfs/ /\n"));
+    let script = std::fs::read_to_string(deploy().join("../scripts/agent-image")).unwrap();
+    assert!(script.contains(r#"\"Entrypoint\":[\"/usr/local/bin/keysync-agent\"]"#));
     let k = std::fs::read_to_string(deploy().join("kustomization.yaml")).unwrap();
     for f in ["namespace.yaml", "rbac.yaml", "daemonset.yaml"] {
         assert!(k.contains(f), "kustomization lists {f}");
