@@ -132,7 +132,8 @@ impl KeyAlg {
             Some(name) => {
                 let alg = KeyAlg::from_name(name).ok_or_else(|| {
                     format!(
-                        "its JWK \"alg\" {name:?} is not a JWE key-wrap algorithm ocicrypt supports (RSA-OAEP, RSA-OAEP-256, ECDH-ES+A128KW, ECDH-ES+A192KW, ECDH-ES+A256KW)"
+                        "its JWK \"alg\" \"{}\" is not a JWE key-wrap algorithm ocicrypt supports (RSA-OAEP, RSA-OAEP-256, ECDH-ES+A128KW, ECDH-ES+A192KW, ECDH-ES+A256KW)",
+                        crate::redact::token(name)
                     )
                 })?;
                 if !alg.fits(key.kind()) {

@@ -10,6 +10,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::parse::Curve;
 use super::KeyError;
+use crate::redact;
 
 /// A parsed JWK.
 pub(crate) struct Jwk<T> {
@@ -92,9 +93,20 @@ impl Ctx<'_> {
     }
 }
 
+/// What is wrong with the JSON, without serde_json's own text (which may quote values).
+fn json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "cannot be read",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "a member has the wrong type",
+        serde_json::error::Category::Eof => "ends early",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 fn parse_raw(bytes: &[u8], c: &Ctx<'_>) -> Result<RawJwk, KeyError> {
-    let raw: RawJwk =
-        serde_json::from_slice(bytes).map_err(|e| c.malformed(format!("not valid JWK JSON ({e})")))?;
+    let raw: RawJwk = serde_json::from_slice(bytes)
+        .map_err(|e| c.malformed(format!("not valid JWK JSON ({})", json_error(&e))))?;
     if raw.kty.is_none() && raw.keys.is_some() {
         return Err(c.unsupported("a JWK Set (give a single JWK, not {\"keys\":[…]})"));
     }
@@ -104,11 +116,11 @@ fn parse_raw(bytes: &[u8], c: &Ctx<'_>) -> Result<RawJwk, KeyError> {
         Some("oct") => Err(c.unsupported("a symmetric JWK (kty \"oct\"), not a public/private key pair")),
         Some("OKP") => Err(KeyError::UnsupportedAlgorithm {
             source_name: c.source_name.to_owned(),
-            found: format!("OKP {}", raw.crv.as_deref().unwrap_or("")),
+            found: format!("OKP {}", redact::token(raw.crv.as_deref().unwrap_or(""))),
         }),
         Some(other) => Err(KeyError::UnsupportedAlgorithm {
             source_name: c.source_name.to_owned(),
-            found: format!("JWK kty \"{other}\""),
+            found: format!("JWK kty \"{}\"", redact::token(other)),
         }),
     }
 }
@@ -117,7 +129,7 @@ fn curve(raw: &RawJwk, c: &Ctx<'_>) -> Result<Curve, KeyError> {
     let crv = c.member(&raw.crv, "crv", "EC")?;
     Curve::from_name(crv).ok_or_else(|| KeyError::UnsupportedAlgorithm {
         source_name: c.source_name.to_owned(),
-        found: format!("EC curve {crv}"),
+        found: format!("EC curve \"{}\"", redact::token(crv)),
     })
 }
 

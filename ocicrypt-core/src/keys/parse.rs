@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 
 use super::pem::{self, PemBlock};
 use super::{jwk, KeyError};
+use crate::redact;
 
 /// Key files larger than this are refused (no key format comes close).
 pub const MAX_KEY_FILE_SIZE: u64 = 1 << 20;
@@ -207,8 +208,8 @@ impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PublicKey")
             .field("kind", &self.kind)
-            .field("alg", &self.alg)
-            .field("kid", &self.kid)
+            .field("alg", &self.alg.as_deref().map(redact::token))
+            .field("kid", &self.kid.as_deref().map(redact::token))
             .field("format", &self.format)
             .field("source_name", &self.source_name)
             .finish()
@@ -559,7 +560,7 @@ pub(crate) fn describe_pem_label(label: &str) -> String {
         "PGP PRIVATE KEY BLOCK" => "an ASCII-armored OpenPGP secret key (not an RSA/EC key)".into(),
         "PGP PUBLIC KEY BLOCK" => "an ASCII-armored OpenPGP public key (not an RSA/EC key)".into(),
         "PGP MESSAGE" | "PGP SIGNATURE" => "an OpenPGP message (not a key)".into(),
-        other => format!("a PEM block \"{other}\" (not a key)"),
+        other => format!("a PEM block {} (not a key)", pem::quote_label(other)),
     }
 }
 
@@ -583,7 +584,7 @@ fn private_from_pem(
             found: "only EC parameters, no key".into(),
         });
     };
-    let what = format!("PEM block \"{}\"", block.label);
+    let what = format!("PEM block {}", pem::quote_label(&block.label));
     match block.label.as_str() {
         "RSA PRIVATE KEY" | "EC PRIVATE KEY" if block.is_legacy_encrypted() => {
             let Some(pw) = password else {
@@ -772,7 +773,7 @@ fn public_from_pem(bytes: &[u8], source_name: &str) -> Result<(PKey<Public>, Key
     let blocks = pem::parse_blocks(bytes).map_err(|e| malformed(source_name, "PEM", e))?;
     let mut first_other: Option<&PemBlock<'_>> = None;
     for block in key_blocks(&blocks) {
-        let what = format!("PEM block \"{}\"", block.label);
+        let what = format!("PEM block {}", pem::quote_label(&block.label));
         match block.label.as_str() {
             "PUBLIC KEY" => {
                 let p =

@@ -5,6 +5,8 @@
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
+use crate::redact;
+
 const BEGIN: &[u8] = b"-----BEGIN ";
 const DASHES: &[u8] = b"-----";
 
@@ -64,9 +66,22 @@ pub(crate) fn parse_blocks(data: &[u8]) -> Result<Vec<PemBlock<'_>>, String> {
         let label = String::from_utf8_lossy(&first_line[..label_len])
             .trim()
             .to_owned();
+        if !valid_label(&label) {
+            // A BEGIN line whose closing dashes are missing runs on into the body: the "label"
+            // is then key material, so it is never quoted.
+            return Err(format!(
+                "a PEM BEGIN line with an invalid label {} (is the line missing its closing \"-----\"?)",
+                quote_label(&label)
+            ));
+        }
         let end_marker = format!("-----END {label}-----");
-        let end = find(data, end_marker.as_bytes(), first_end)
-            .ok_or_else(|| format!("PEM block \"{label}\" has no \"{end_marker}\" line (file truncated?)"))?;
+        let end = find(data, end_marker.as_bytes(), first_end).ok_or_else(|| {
+            format!(
+                "PEM block {} has no \"-----END {}-----\" line (file truncated?)",
+                quote_label(&label),
+                redact::token(&label)
+            )
+        })?;
         let body = &data[first_end..end];
         let block_end = line_end(data, end + end_marker.len());
 
@@ -104,7 +119,7 @@ pub(crate) fn parse_blocks(data: &[u8]) -> Result<Vec<PemBlock<'_>>, String> {
         let der = Zeroizing::new(
             lenient
                 .decode(&b64[..])
-                .map_err(|e| format!("PEM block \"{label}\" is not valid base64 ({e})"))?,
+                .map_err(|e| format!("PEM block {} is not valid base64 ({e})", quote_label(&label)))?,
         );
         out.push(PemBlock {
             label,
@@ -115,6 +130,26 @@ pub(crate) fn parse_blocks(data: &[u8]) -> Result<Vec<PemBlock<'_>>, String> {
         pos = block_end;
     }
     Ok(out)
+}
+
+/// The longest label accepted: the longest real one (`PGP PRIVATE KEY BLOCK`) is 21 characters.
+const MAX_LABEL: usize = 64;
+
+/// RFC 7468 labels: printable ASCII except `-`, words separated by single spaces. Checked
+/// before any message quotes a label.
+fn valid_label(label: &str) -> bool {
+    label.len() <= MAX_LABEL
+        && label
+            .bytes()
+            .all(|b| (b.is_ascii_graphic() && b != b'-') || b == b' ')
+        && !label.contains("  ")
+        && !redact::looks_encoded(label)
+}
+
+/// A PEM label as quoted in messages: always through [`redact::token`], so a label that is
+/// really a key body (a BEGIN line without its closing dashes) never reaches a message.
+pub(crate) fn quote_label(label: &str) -> String {
+    format!("\"{}\"", redact::token(label))
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
