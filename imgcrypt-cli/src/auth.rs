@@ -10,6 +10,9 @@ use zeroize::Zeroizing;
 use crate::cli::EnvVars;
 use crate::error::{CliError, ErrorKind};
 
+/// Largest auth file read (`auth.json`, `config.json`).
+pub const MAX_AUTH_FILE: u64 = 1 << 20;
+
 /// A user name and password.
 #[derive(Clone)]
 pub struct Creds {
@@ -160,8 +163,8 @@ pub fn find_creds(
         return Ok(explicit);
     }
     for (path, required) in auth_files(authfile) {
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let bytes = match ocicrypt_core::fsutil::read_regular(&path, MAX_AUTH_FILE) {
+            Ok(b) => Zeroizing::new(b),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
                 return Err(CliError::new(

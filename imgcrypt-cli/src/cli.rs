@@ -110,6 +110,10 @@ pub struct TransportArgs {
     /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).
     #[arg(long, global = true, value_name = "PATH")]
     pub authfile: Option<PathBuf>,
+    /// Fail a registry request whose answer does not start, or a transfer that moves less
+    /// than 1 KiB, within this many seconds (default 60).
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub stall_timeout: Option<f64>,
 }
 
 /// The commands.

@@ -77,6 +77,7 @@ fn registry_options(host: &str, access: &Access) -> Result<RegistryOptions, CliE
     Ok(RegistryOptions {
         creds: find_creds(host, access.creds.clone(), access.authfile.as_deref())?,
         tls_verify: access.tls_verify,
+        stall_timeout: access.stall_timeout,
     })
 }
 

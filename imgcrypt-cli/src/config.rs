@@ -29,6 +29,8 @@ pub struct Access {
     pub tls_verify: bool,
     /// Auth file to use instead of the defaults.
     pub authfile: Option<PathBuf>,
+    /// A registry request or transfer that makes no progress for this long fails.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// What a transform does.
@@ -219,7 +221,20 @@ fn access(t: &cli::TransportArgs, src: bool) -> Result<Access, CliError> {
         creds,
         tls_verify: side_tls.or(t.tls_verify).unwrap_or(true),
         authfile: t.authfile.clone(),
+        stall_timeout: stall_timeout(t.stall_timeout)?,
     })
+}
+
+fn stall_timeout(secs: Option<f64>) -> Result<std::time::Duration, CliError> {
+    match secs {
+        None => Ok(crate::registry::DEFAULT_STALL),
+        Some(s) if s.is_finite() && (0.1..=86_400.0).contains(&s) => {
+            Ok(std::time::Duration::from_secs_f64(s))
+        }
+        Some(s) => Err(CliError::usage(format!(
+            "--stall-timeout {s}: give a number of seconds between 0.1 and 86400"
+        ))),
+    }
 }
 
 fn recipients(list: &[String]) -> Result<Vec<RecipientSpec>, CliError> {

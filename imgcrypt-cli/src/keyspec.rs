@@ -49,6 +49,9 @@ impl KeySpec {
     }
 }
 
+/// Largest password file read.
+pub const MAX_PASSWORD_FILE: u64 = 64 << 10;
+
 const KNOWN_SCHEMES: &str = "jwe:, provider:";
 
 fn unknown_scheme(what: &str, input: &str, scheme: &str) -> CliError {
@@ -108,15 +111,17 @@ fn password_from(spec: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, CliError
         return Ok(Zeroizing::new(pw.as_bytes().to_vec()));
     }
     if let Some(file) = spec.strip_prefix("file=") {
-        let bytes = Zeroizing::new(std::fs::read(file).map_err(|e| {
-            CliError::new(
-                ErrorKind::KeyFile,
-                format!(
-                    "cannot read the password file {file} for key {}: {e}",
-                    path.display()
-                ),
-            )
-        })?);
+        let bytes = Zeroizing::new(
+            ocicrypt_core::fsutil::read_regular(Path::new(file), MAX_PASSWORD_FILE).map_err(|e| {
+                CliError::new(
+                    ErrorKind::KeyFile,
+                    format!(
+                        "cannot read the password file {file} for key {}: {e}",
+                        path.display()
+                    ),
+                )
+            })?,
+        );
         // The first line, as ocicrypt reads it.
         let end = bytes.iter().position(|&b| b == b'\n').unwrap_or(bytes.len());
         let mut line = &bytes[..end];

@@ -7,7 +7,14 @@
 //!   the stream reached end-of-file cleanly. A failed stream aborts the `PATCH` and the upload
 //!   is `DELETE`d: nothing is committed, and nothing is tagged (the tag is pushed last).
 //! * Authentication: HTTP Basic and the Bearer token challenge flow (`WWW-Authenticate`), with
-//!   credentials from `--creds`, auth files or none.
+//!   credentials from `--creds`, auth files or none. Credentials (Basic or bearer) are sent only
+//!   to the registry's own scheme, host and port, and Basic credentials to the token realm the
+//!   registry names; an upload `Location` on another host gets none. A relative `Location` is
+//!   resolved against the URL of the answer that carried it.
+//! * Every body is bounded ([`MAX_SMALL`] for manifests, [`MAX_ERROR_BODY`] for error answers,
+//!   [`MAX_TOKEN_BODY`] for token answers; blobs stop at their declared size), and every
+//!   transfer must move at least [`MIN_PROGRESS`] bytes per stall timeout
+//!   ([`RegistryOptions::stall_timeout`]) or it fails.
 //! * `--tls-verify=false` means plain HTTP.
 
 use std::fmt;
@@ -43,8 +50,14 @@ const CHUNK: usize = 256 << 10;
 const CHUNKS_IN_FLIGHT: usize = 4;
 /// Attempts per request when the registry is unreachable or answers 429/502/503/504.
 const ATTEMPTS: u32 = 3;
-/// A request that makes no progress for this long fails.
-const STALL: Duration = Duration::from_secs(120);
+/// Largest error answer body read (the message is cut much shorter).
+pub const MAX_ERROR_BODY: u64 = 64 << 10;
+/// Largest token server answer read.
+pub const MAX_TOKEN_BODY: u64 = 1 << 20;
+/// A transfer that moves fewer bytes than this within the stall timeout fails.
+pub const MIN_PROGRESS: u64 = 1024;
+/// The default stall timeout (`--stall-timeout`).
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
@@ -114,16 +127,22 @@ pub struct RegistryOptions {
     pub creds: Option<Creds>,
     /// `false`: plain HTTP.
     pub tls_verify: bool,
+    /// A request whose answer does not start, or a transfer that moves fewer than
+    /// [`MIN_PROGRESS`] bytes, within this time fails.
+    pub stall_timeout: Duration,
 }
 
 /// An image in a registry, readable and writable.
 pub struct RegistryImage {
     r: RegistryRef,
     base: String,
+    /// `base` parsed: the only origin credentials go to.
+    origin: reqwest::Url,
     client: Client,
     /// Without a read timeout: an upload's answer comes only after the whole body was sent;
-    /// stalls are detected by [`STALL`] instead.
+    /// stalls are detected by the stall timeout instead.
     upload_client: Client,
+    stall: Duration,
     creds: Option<Creds>,
     push: bool,
     auth: Mutex<Option<Zeroizing<String>>>,
@@ -261,6 +280,12 @@ async fn fill(r: &mut (dyn AsyncRead + Send + Unpin), buf: &mut [u8]) -> io::Res
     Ok(filled)
 }
 
+enum SendFailure {
+    Http(reqwest::Error),
+    /// No answer within the stall timeout; names the request.
+    Stalled(String),
+}
+
 enum PumpError {
     /// The source stream failed (tampered data, a source read error…).
     Source(io::Error),
@@ -284,13 +309,22 @@ impl RegistryImage {
         let err = |e: reqwest::Error| {
             CliError::new(ErrorKind::Failure, format!("cannot build the HTTP client: {e}"))
         };
-        let client = builder().read_timeout(STALL).build().map_err(err)?;
+        let stall = opts.stall_timeout.max(Duration::from_millis(100));
+        let client = builder().read_timeout(stall).build().map_err(err)?;
         let upload_client = builder().build().map_err(err)?;
+        let origin = reqwest::Url::parse(&base).map_err(|e| {
+            CliError::new(
+                ErrorKind::BadReference,
+                format!("{base} is not a valid registry URL: {e}"),
+            )
+        })?;
         Ok(Self {
             r,
             base,
+            origin,
             client,
             upload_client,
+            stall,
             creds: opts.creds,
             push,
             auth: Mutex::new(None),
@@ -331,11 +365,157 @@ impl RegistryImage {
         }
     }
 
-    fn with_auth(&self, rb: RequestBuilder) -> RequestBuilder {
-        match self.auth.lock().expect("auth lock").as_ref() {
-            Some(h) => rb.header(AUTHORIZATION, h.as_str()),
-            None => rb,
+    /// True when `url` has the registry's own scheme, host and port: the only place the
+    /// registry's credentials go.
+    fn same_origin(&self, url: &reqwest::Url) -> bool {
+        url.scheme() == self.origin.scheme()
+            && url.host_str() == self.origin.host_str()
+            && url.port_or_known_default() == self.origin.port_or_known_default()
+    }
+
+    /// Sends `rb`, with the registry's credentials only if it goes to the registry's origin,
+    /// waiting at most the stall timeout for the answer to start.
+    async fn try_execute(&self, rb: RequestBuilder) -> Result<Response, SendFailure> {
+        let (client, req) = rb.build_split();
+        let mut req = req.map_err(SendFailure::Http)?;
+        self.authorize(&mut req);
+        let what = format!("{} {}", req.method(), req.url().path());
+        match tokio::time::timeout(self.stall, client.execute(req)).await {
+            Ok(r) => r.map_err(SendFailure::Http),
+            Err(_) => Err(SendFailure::Stalled(what)),
         }
+    }
+
+    fn send_failure(&self, f: &SendFailure) -> RegistryError {
+        match f {
+            SendFailure::Http(e) => self.net(e),
+            SendFailure::Stalled(what) => self.stalled(&format!("waiting for the answer to {what}")),
+        }
+    }
+
+    async fn execute(&self, rb: RequestBuilder) -> Result<Response, RegistryError> {
+        self.try_execute(rb).await.map_err(|f| self.send_failure(&f))
+    }
+
+    /// As [`execute`](Self::execute) without the wait limit: an upload's answer comes only
+    /// after its body was sent, and the upload watches its own progress.
+    async fn execute_upload(&self, rb: RequestBuilder) -> Result<Response, RegistryError> {
+        let (client, req) = rb.build_split();
+        let mut req = req.map_err(|e| self.net(&e))?;
+        self.authorize(&mut req);
+        client.execute(req).await.map_err(|e| self.net(&e))
+    }
+
+    fn authorize(&self, req: &mut reqwest::Request) {
+        if !self.same_origin(req.url()) {
+            req.headers_mut().remove(AUTHORIZATION);
+            return;
+        }
+        if let Some(h) = self.auth.lock().expect("auth lock").as_ref() {
+            if let Ok(mut v) = HeaderValue::from_str(h.as_str()) {
+                v.set_sensitive(true);
+                req.headers_mut().insert(AUTHORIZATION, v);
+            }
+        }
+    }
+
+    /// Secrets a server could echo back, for [`ocicrypt_core::redact::server_text`].
+    fn secrets(&self) -> Vec<Zeroizing<String>> {
+        let mut v = Vec::new();
+        if let Some(c) = &self.creds {
+            v.push(c.password.clone());
+            v.push(c.basic_header());
+        }
+        if let Some(h) = self.auth.lock().expect("auth lock").as_ref() {
+            v.push(h.clone());
+            if let Some(t) = h.strip_prefix("Bearer ") {
+                v.push(Zeroizing::new(t.to_owned()));
+            }
+        }
+        v
+    }
+
+    /// Text from the server, made safe to show.
+    fn server_text(&self, text: &str) -> String {
+        let secrets = self.secrets();
+        let refs: Vec<&str> = secrets.iter().map(|s| s.as_str()).collect();
+        ocicrypt_core::redact::server_text(text, &refs)
+    }
+
+    fn stalled(&self, what: &str) -> RegistryError {
+        RegistryError::Network {
+            registry: self.host(),
+            detail: format!(
+                "{what} made no progress (less than {MIN_PROGRESS} bytes in {} s); pass --stall-timeout SECONDS to wait longer",
+                self.stall.as_secs_f64()
+            ),
+        }
+    }
+
+    /// A body stream that fails when fewer than [`MIN_PROGRESS`] bytes arrive within the stall
+    /// timeout (a server trickling one byte every few seconds).
+    fn guarded(
+        &self,
+        resp: Response,
+        what: &str,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, RegistryError>> + Send + 'static {
+        struct State<S> {
+            inner: std::pin::Pin<Box<S>>,
+            window: Instant,
+            moved: u64,
+            done: bool,
+        }
+        let stall = self.stall;
+        let stalled = self.stalled(what);
+        let host = self.host();
+        let what = what.to_owned();
+        let state = State {
+            inner: Box::pin(resp.bytes_stream()),
+            window: Instant::now(),
+            moved: 0,
+            done: false,
+        };
+        let stalled = Arc::new(Mutex::new(Some(stalled)));
+        futures::stream::unfold(state, move |mut st| {
+            let stalled = Arc::clone(&stalled);
+            let host = host.clone();
+            let what = what.clone();
+            async move {
+                if st.done {
+                    return None;
+                }
+                let deadline = tokio::time::Instant::from_std(st.window + stall);
+                let fail = |st: &mut State<_>| {
+                    st.done = true;
+                    let e = stalled.lock().expect("stall lock").take();
+                    e.map(Err)
+                };
+                match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut st.inner)).await {
+                    Err(_) => fail(&mut st).map(|e| (e, st)),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => {
+                        st.done = true;
+                        Some((
+                            Err(RegistryError::Network {
+                                registry: host,
+                                detail: format!("reading {what} failed: {e}"),
+                            }),
+                            st,
+                        ))
+                    }
+                    Ok(Some(Ok(b))) => {
+                        st.moved += b.len() as u64;
+                        if st.moved >= MIN_PROGRESS {
+                            st.window = Instant::now();
+                            st.moved = 0;
+                        } else if st.window.elapsed() >= stall {
+                            return fail(&mut st).map(|e| (e, st));
+                        }
+                        Some((Ok(b), st))
+                    }
+                }
+            }
+        })
     }
 
     /// Sends a request built by `build`, answering one authentication challenge.
@@ -366,9 +546,9 @@ impl RegistryImage {
     ) -> Result<Response, RegistryError> {
         let mut attempt = 1;
         loop {
-            let result = self.with_auth(build(&self.client)).send().await;
+            let result = self.try_execute(build(&self.client)).await;
             let delay = match &result {
-                Err(e) if e.is_connect() => Some(backoff(attempt, None)),
+                Err(SendFailure::Http(e)) if e.is_connect() => Some(backoff(attempt, None)),
                 Ok(r) if is_transient(r.status()) => Some(backoff(attempt, retry_after(r))),
                 _ => None,
             };
@@ -378,7 +558,7 @@ impl RegistryImage {
                     tokio::time::sleep(d).await;
                     attempt += 1;
                 }
-                _ => return result.map_err(|e| self.net(&e)),
+                _ => return result.map_err(|f| self.send_failure(&f)),
             }
         }
     }
@@ -435,11 +615,29 @@ impl RegistryImage {
         if let Some(s) = ch.param("service") {
             query.push(("service", s));
         }
-        let mut rb = self.client.get(realm).query(&query);
+        // The token realm is the one other place the registry's credentials go, as the token
+        // protocol requires; it is named by the registry's own challenge.
+        let realm_url = reqwest::Url::parse(realm).map_err(|e| RegistryError::Auth {
+            registry: self.host(),
+            detail: format!(
+                "the Bearer challenge names realm {:?}, which is not a URL: {e}",
+                ocicrypt_core::redact::token(realm)
+            ),
+        })?;
+        let mut rb = self.client.get(realm_url).query(&query);
         if let Some(c) = &self.creds {
-            rb = rb.header(AUTHORIZATION, c.basic_header().as_str());
+            let mut v =
+                HeaderValue::from_str(c.basic_header().as_str()).map_err(|_| RegistryError::Auth {
+                    registry: self.host(),
+                    detail: format!("the credentials from {} cannot be sent in a header", c.origin),
+                })?;
+            v.set_sensitive(true);
+            rb = rb.header(AUTHORIZATION, v);
         }
-        let resp = rb.send().await.map_err(|e| self.net(&e))?;
+        let resp = tokio::time::timeout(self.stall, rb.send())
+            .await
+            .map_err(|_| self.stalled(&format!("the token request to {realm}")))?
+            .map_err(|e| self.net(&e))?;
         let status = resp.status();
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             return Err(self.refused(status));
@@ -449,7 +647,14 @@ impl RegistryImage {
                 .status_error(resp, &format!("token request to {realm}"))
                 .await);
         }
-        let bytes = Zeroizing::new(resp.bytes().await.map_err(|e| self.net(&e))?.to_vec());
+        let bytes = Zeroizing::new(
+            self.read_body(
+                resp,
+                MAX_TOKEN_BODY,
+                &format!("the answer of token server {realm}"),
+            )
+            .await?,
+        );
         let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Auth {
             registry: self.host(),
             detail: format!("the token server {realm} answered something that is not JSON: {e}"),
@@ -468,7 +673,18 @@ impl RegistryImage {
 
     async fn status_error(&self, resp: Response, what: &str) -> RegistryError {
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
+        // The body only explains the status: read a bounded prefix, and stop at the first
+        // error (too long, too slow) without making that the error reported.
+        let mut body = Vec::new();
+        let mut stream = std::pin::pin!(self.guarded(resp, "an error answer"));
+        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+            let room = (MAX_ERROR_BODY as usize).saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() as u64 >= MAX_ERROR_BODY {
+                break;
+            }
+        }
+        let body = String::from_utf8_lossy(&body);
         let msg = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| {
@@ -480,7 +696,8 @@ impl RegistryImage {
                     )
                 })
             })
-            .unwrap_or_else(|| body.chars().take(200).collect());
+            .unwrap_or_else(|| body.into_owned());
+        let msg = self.server_text(&msg);
         let detail = format!("{what}: {status} {msg}");
         if status.is_server_error() {
             RegistryError::Network {
@@ -508,8 +725,8 @@ impl RegistryImage {
             });
         }
         let mut out = Vec::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.try_next().await.map_err(|e| self.net(&e))? {
+        let mut stream = std::pin::pin!(self.guarded(resp, what));
+        while let Some(chunk) = stream.try_next().await? {
             out.extend_from_slice(&chunk);
             if out.len() as u64 > limit {
                 return Err(RegistryError::Protocol {
@@ -577,27 +794,37 @@ impl RegistryImage {
         }
     }
 
-    fn absolute(&self, location: &str) -> String {
-        if location.starts_with("http://") || location.starts_with("https://") {
-            location.to_owned()
-        } else {
-            format!("{}{location}", self.base)
-        }
-    }
-
+    /// The `Location` of an answer, resolved against the URL that answered.
     fn location(&self, resp: &Response) -> Result<String, RegistryError> {
-        resp.headers()
+        let raw = resp
+            .headers()
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map(|l| self.absolute(l))
             .ok_or_else(|| RegistryError::Protocol {
                 registry: self.host(),
                 detail: "blob upload answer without a Location header".into(),
-            })
+            })?;
+        let url = resp.url().join(raw).map_err(|e| RegistryError::Protocol {
+            registry: self.host(),
+            detail: format!("bad upload location {:?}: {e}", ocicrypt_core::redact::token(raw)),
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(RegistryError::Protocol {
+                registry: self.host(),
+                detail: format!("upload location with scheme {:?}", url.scheme()),
+            });
+        }
+        if !self.same_origin(&url) {
+            tracing::debug!(
+                "registry {}: the upload continues at another origin, which gets no credentials",
+                self.host()
+            );
+        }
+        Ok(url.to_string())
     }
 
     async fn delete_upload(&self, url: &str) {
-        let _ = self.with_auth(self.client.delete(url)).send().await;
+        let _ = self.execute(self.client.delete(url)).await;
         self.pending_upload(url, false);
     }
 
@@ -673,20 +900,15 @@ impl RegistryImage {
         let request = async {
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            let send = self
-                .with_auth(self.upload_client.patch(loc).headers(headers).body(body))
-                .send();
+            let send = self.execute_upload(self.upload_client.patch(loc).headers(headers).body(body));
             tokio::pin!(send);
             loop {
                 tokio::select! {
-                    r = &mut send => return r.map_err(|e| self.net(&e)),
+                    r = &mut send => return r,
                     () = tokio::time::sleep(Duration::from_secs(2)) => {
                         let idle = activity.lock().expect("activity lock").elapsed();
-                        if idle > STALL {
-                            return Err(RegistryError::Network {
-                                registry: self.host(),
-                                detail: format!("the blob upload made no progress for {} s", idle.as_secs()),
-                            });
+                        if idle > self.stall {
+                            return Err(self.stalled("the blob upload"));
                         }
                     }
                 }
@@ -719,10 +941,9 @@ impl RegistryImage {
         })?;
         url.query_pairs_mut().append_pair("digest", &digest);
         let resp = self
-            .with_auth(self.client.put(url).header(CONTENT_LENGTH, "0"))
-            .send()
+            .execute(self.client.put(url).header(CONTENT_LENGTH, "0"))
             .await
-            .map_err(|e| core(self.net(&e)))?;
+            .map_err(core)?;
         if resp.status() != StatusCode::CREATED {
             return Err(core(
                 self.status_error(resp, &format!("committing blob {digest}"))
@@ -828,13 +1049,10 @@ impl ImageSource for RegistryImage {
             if !resp.status().is_success() {
                 return Err(core(self.status_error(resp, &format!("GET blob {digest}")).await));
             }
-            let host = self.host();
-            let stream = resp.bytes_stream().map_err(move |e| {
-                io::Error::other(RegistryError::Network {
-                    registry: host.clone(),
-                    detail: format!("reading a blob failed: {e}"),
-                })
-            });
+            let stream = Box::pin(
+                self.guarded(resp, &format!("blob {digest}"))
+                    .map_err(io::Error::other),
+            );
             let reader = tokio_util::io::StreamReader::new(stream);
             let r = VerifyReader::new(
                 reader,
@@ -910,7 +1128,7 @@ impl ImageDest for RegistryImage {
         Box::pin(async move {
             let pending = std::mem::take(&mut *self.uploads.lock().expect("uploads lock"));
             for u in pending {
-                let _ = self.with_auth(self.client.delete(&u)).send().await;
+                let _ = self.execute(self.client.delete(&u)).await;
             }
         })
     }

@@ -467,8 +467,9 @@ pub(crate) fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError>
         path: path.to_owned(),
         source,
     };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let mut buf = Zeroizing::new(Vec::new());
+    // Without blocking on a FIFO, and only a regular file (not /dev/zero).
+    let f = crate::fsutil::open_regular(path).map_err(io)?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(MAX_KEY_FILE_SIZE as usize + 1));
     f.take(MAX_KEY_FILE_SIZE + 1).read_to_end(&mut buf).map_err(io)?;
     if buf.len() as u64 > MAX_KEY_FILE_SIZE {
         return Err(KeyError::Unsupported {
