@@ -184,12 +184,19 @@ pub fn open_beneath(root: &Path, rel: &[&str]) -> std::io::Result<File> {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| match symlink_error(e) {
-            err if err.kind() == std::io::ErrorKind::InvalidInput => std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{d} is a symbolic link (refused: nothing in a layout is followed)"),
-            ),
-            err => err,
+        .map_err(|e| {
+            let link = matches!(e, rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)
+                && rustix::fs::statat(&dir, *d, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink
+                });
+            if link {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{d} is a symbolic link (refused: nothing in a layout is followed)"),
+                )
+            } else {
+                e.into()
+            }
         })?;
     }
     let fd = rustix::fs::openat(&dir, *last, flags(true), Mode::empty()).map_err(symlink_error)?;
