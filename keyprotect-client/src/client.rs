@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use ocicrypt_core::redact::server_text;
 use rand::Rng;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
@@ -28,6 +29,21 @@ pub const HEADER_CORRELATION: &str = "correlation-id";
 
 /// Environment variable naming a PEM CA bundle to trust in addition to the built-in roots.
 pub const ENV_CA_BUNDLE: &str = "KP_CA_BUNDLE";
+
+/// Largest successful Key Protect answer read, in bytes (a `list keys` page of 5000 keys is
+/// about 4 MiB). A longer answer is an error; reading stops at the limit.
+pub const MAX_RESPONSE_BODY: usize = 8 << 20;
+
+/// Largest error answer (Key Protect or IAM) and IAM token answer read, in bytes; the rest of an
+/// error answer is not read.
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// Longest IAM token lifetime believed (IAM issues 1-hour tokens); a longer `expires_in` is
+/// cut to this.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// At most this many of an error's `reasons` are kept.
+const MAX_REASONS: usize = 8;
 
 /// Transport and retry settings.
 #[derive(Clone, Debug)]
@@ -148,14 +164,83 @@ enum Body {
     Json(&'static str, Zeroizing<Vec<u8>>),
 }
 
+/// What a request carries that must never come back in an error or a log (a server or proxy
+/// may echo the request): the API key (also form-encoded), the bearer token, plaintexts.
+#[derive(Default)]
+struct Secrets(Vec<Zeroizing<String>>);
+
+impl Secrets {
+    fn with(mut self, s: &str) -> Self {
+        // Short strings would scrub ordinary words; no secret we send is that short.
+        if s.len() >= 8 {
+            self.0.push(Zeroizing::new(s.to_owned()));
+        }
+        self
+    }
+
+    /// A plaintext, in the base64 form sent and, when it is text, as itself.
+    fn with_plaintext(self, plaintext: &[u8], b64: &str) -> Self {
+        let s = self.with(b64);
+        match std::str::from_utf8(plaintext) {
+            Ok(t) => s.with(t).with(t.trim()),
+            Err(_) => s,
+        }
+    }
+
+    /// These secrets plus the bearer token and the API key (raw and form-encoded).
+    fn clone_with(&self, token: &str, apikey: &str) -> Self {
+        let mut s = Self(self.0.clone()).with(token).with(apikey);
+        let form = Zeroizing::new(form_encode(apikey));
+        if *form != apikey {
+            s = s.with(&form);
+        }
+        s
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        let v: Vec<&str> = self.0.iter().map(|s| s.as_str()).collect();
+        server_text(text, &v)
+    }
+}
+
 fn json_body(v: &Value) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(serde_json::to_vec(v).expect("json"))
 }
 
 struct Answer {
     status: StatusCode,
-    body: Vec<u8>,
+    body: Zeroizing<Vec<u8>>,
     correlation_id: String,
+}
+
+/// Reads at most `cap` bytes of a response body, chunk by chunk (a server that streams forever
+/// costs `cap` bytes, not the request timeout's worth). Returns the bytes and whether the body
+/// was longer; the rest is never read (the connection is dropped, not reused).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> Result<(Zeroizing<Vec<u8>>, bool), reqwest::Error> {
+    let hint = resp
+        .content_length()
+        .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).min(cap));
+    // Reserved once so that a plaintext is not left behind in a reallocated buffer.
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint.max(8 << 10).min(cap)));
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap - buf.len();
+        if chunk.len() > room {
+            buf.extend_from_slice(&chunk[..room]);
+            return Ok((buf, true));
+        }
+        if buf.capacity() - buf.len() < chunk.len() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                (buf.len() + chunk.len()).max(buf.len() * 2).min(cap),
+            ));
+            bigger.extend_from_slice(&buf);
+            buf = bigger;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf, false))
 }
 
 impl Client {
@@ -272,15 +357,18 @@ impl Client {
             .expect("json"),
         );
         let url = self.key_url(key_id, &["actions", "wrap"])?;
+        let secrets = Secrets::default().with_plaintext(plaintext, &b64);
         let a = self
             .call(
                 Operation::Wrap,
                 Method::POST,
                 url,
                 Body::Json("application/vnd.ibm.kms.key_action_wrap+json", body),
+                &secrets,
             )
             .await?;
         let w: WrapResponse = parse(Operation::Wrap, &a)?;
+        check_answer_ciphertext(Operation::Wrap, &w.ciphertext, &a)?;
         Ok(WrapOutput {
             ciphertext: w.ciphertext,
             key_version: w.key_version,
@@ -295,8 +383,11 @@ impl Client {
     pub async fn wrap_generate(&self, key_id: &str, aad: Option<&[String]>) -> Result<WrapOutput, Error> {
         let mut body = json!({});
         add_aad(&mut body, aad)?;
-        let a = self.key_action(Operation::Wrap, key_id, "wrap", body).await?;
+        let a = self
+            .key_action(Operation::Wrap, key_id, "wrap", body, &Secrets::default())
+            .await?;
         let w: WrapResponse = parse(Operation::Wrap, &a)?;
+        check_answer_ciphertext(Operation::Wrap, &w.ciphertext, &a)?;
         let p = w.plaintext.as_deref().ok_or_else(|| Error::BadResponse {
             op: Operation::Wrap,
             reason: "no plaintext in the answer to a wrap without plaintext".into(),
@@ -324,13 +415,16 @@ impl Client {
         let ct = check_ciphertext(ciphertext)?;
         let mut body = json!({ "ciphertext": ct });
         add_aad(&mut body, aad)?;
-        let a = self.key_action(Operation::Unwrap, key_id, "unwrap", body).await?;
+        let a = self
+            .key_action(Operation::Unwrap, key_id, "unwrap", body, &Secrets::default())
+            .await?;
         let u: UnwrapResponse = parse(Operation::Unwrap, &a)?;
         let plaintext_b64 = Zeroizing::new(u.plaintext);
         let plaintext = decode_plaintext(Operation::Unwrap, &plaintext_b64, &a.correlation_id)?;
+        // A re-wrapped ciphertext that is not one is dropped: the plaintext is still good.
         let rewrapped = u
             .ciphertext
-            .filter(|c| !c.is_empty() && c != ct)
+            .filter(|c| !c.trim().is_empty() && c != ct && b64::decode_lenient(c).is_ok())
             .map(|c| Rewrapped {
                 ciphertext: c,
                 key_version: u.rewrapped_key_version,
@@ -355,8 +449,11 @@ impl Client {
         let ct = check_ciphertext(ciphertext)?;
         let mut body = json!({ "ciphertext": ct });
         add_aad(&mut body, aad)?;
-        let a = self.key_action(Operation::Rewrap, key_id, "rewrap", body).await?;
+        let a = self
+            .key_action(Operation::Rewrap, key_id, "rewrap", body, &Secrets::default())
+            .await?;
         let r: RewrapResponse = parse(Operation::Rewrap, &a)?;
+        check_answer_ciphertext(Operation::Rewrap, &r.ciphertext, &a)?;
         Ok(RewrapOutput {
             ciphertext: r.ciphertext,
             key_version: r.key_version,
@@ -369,9 +466,15 @@ impl Client {
     /// # Errors
     /// [`Error`].
     pub async fn rotate_key(&self, key_id: &str) -> Result<(), Error> {
-        self.key_action(Operation::RotateKey, key_id, "rotate", json!({}))
-            .await
-            .map(drop)
+        self.key_action(
+            Operation::RotateKey,
+            key_id,
+            "rotate",
+            json!({}),
+            &Secrets::default(),
+        )
+        .await
+        .map(drop)
     }
 
     /// Disables (suspends) key `key_id`.
@@ -379,9 +482,15 @@ impl Client {
     /// # Errors
     /// [`Error`].
     pub async fn disable_key(&self, key_id: &str) -> Result<(), Error> {
-        self.key_action(Operation::DisableKey, key_id, "disable", Value::Null)
-            .await
-            .map(drop)
+        self.key_action(
+            Operation::DisableKey,
+            key_id,
+            "disable",
+            Value::Null,
+            &Secrets::default(),
+        )
+        .await
+        .map(drop)
     }
 
     /// Enables a suspended key.
@@ -389,9 +498,15 @@ impl Client {
     /// # Errors
     /// [`Error`].
     pub async fn enable_key(&self, key_id: &str) -> Result<(), Error> {
-        self.key_action(Operation::EnableKey, key_id, "enable", Value::Null)
-            .await
-            .map(drop)
+        self.key_action(
+            Operation::EnableKey,
+            key_id,
+            "enable",
+            Value::Null,
+            &Secrets::default(),
+        )
+        .await
+        .map(drop)
     }
 
     /// Deletes (destroys) key `key_id`.
@@ -400,9 +515,15 @@ impl Client {
     /// [`Error`].
     pub async fn delete_key(&self, key_id: &str) -> Result<(), Error> {
         let url = self.key_url(key_id, &[])?;
-        self.call(Operation::DeleteKey, Method::DELETE, url, Body::None)
-            .await
-            .map(drop)
+        self.call(
+            Operation::DeleteKey,
+            Method::DELETE,
+            url,
+            Body::None,
+            &Secrets::default(),
+        )
+        .await
+        .map(drop)
     }
 
     /// Key metadata (never the payload); works in every state.
@@ -412,7 +533,13 @@ impl Client {
     pub async fn get_key_metadata(&self, key_id: &str) -> Result<Key, Error> {
         let url = self.key_url(key_id, &["metadata"])?;
         let a = self
-            .call(Operation::GetKeyMetadata, Method::GET, url, Body::None)
+            .call(
+                Operation::GetKeyMetadata,
+                Method::GET,
+                url,
+                Body::None,
+                &Secrets::default(),
+            )
             .await?;
         first_key(Operation::GetKeyMetadata, &a)
     }
@@ -432,7 +559,13 @@ impl Client {
             url.set_query(Some("allKeyStates=true"));
         }
         let a = self
-            .call(Operation::ListKeyVersions, Method::GET, url, Body::None)
+            .call(
+                Operation::ListKeyVersions,
+                Method::GET,
+                url,
+                Body::None,
+                &Secrets::default(),
+            )
             .await?;
         let c: Collection<KeyVersion> = parse(Operation::ListKeyVersions, &a)?;
         Ok(c.resources)
@@ -444,7 +577,15 @@ impl Client {
     /// [`Error`].
     pub async fn get_key(&self, key_id: &str) -> Result<Key, Error> {
         let url = self.key_url(key_id, &[])?;
-        let a = self.call(Operation::GetKey, Method::GET, url, Body::None).await?;
+        let a = self
+            .call(
+                Operation::GetKey,
+                Method::GET,
+                url,
+                Body::None,
+                &Secrets::default(),
+            )
+            .await?;
         first_key(Operation::GetKey, &a)
     }
 
@@ -474,7 +615,13 @@ impl Client {
             url.set_query(None);
         }
         let a = self
-            .call(Operation::ListKeys, Method::GET, url, Body::None)
+            .call(
+                Operation::ListKeys,
+                Method::GET,
+                url,
+                Body::None,
+                &Secrets::default(),
+            )
             .await?;
         let c: Collection<Key> = parse(Operation::ListKeys, &a)?;
         Ok(c.resources)
@@ -511,8 +658,11 @@ impl Client {
         if !k.aliases.is_empty() {
             res["aliases"] = json!(k.aliases);
         }
+        let mut secrets = Secrets::default();
         if let Some(p) = &k.payload {
-            res["payload"] = json!(b64::encode(p));
+            let enc = Zeroizing::new(b64::encode(p));
+            secrets = secrets.with_plaintext(p, &enc);
+            res["payload"] = json!(*enc);
         }
         let body = json!({
             "metadata": { "collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1 },
@@ -525,6 +675,7 @@ impl Client {
                 Method::POST,
                 url,
                 Body::Json("application/vnd.ibm.kms.key+json", json_body(&body)),
+                &secrets,
             )
             .await?;
         first_key(Operation::CreateKey, &a)
@@ -566,6 +717,7 @@ impl Client {
         key_id: &str,
         action: &str,
         body: Value,
+        secrets: &Secrets,
     ) -> Result<Answer, Error> {
         let url = self.key_url(key_id, &["actions", action])?;
         let ct = match action {
@@ -580,10 +732,20 @@ impl Client {
         } else {
             Body::Json(ct, json_body(&body))
         };
-        self.call(op, Method::POST, url, body).await
+        self.call(op, Method::POST, url, body, secrets).await
     }
 
-    async fn call(&self, op: Operation, method: Method, url: Url, body: Body) -> Result<Answer, Error> {
+    /// Sends one Key Protect request with retries. A create is sent once: any failure may have
+    /// happened after the key was made (a 429 or 401 from a proxy, a timeout), and repeating it
+    /// would make a second key.
+    async fn call(
+        &self,
+        op: Operation,
+        method: Method,
+        url: Url,
+        body: Body,
+        secrets: &Secrets,
+    ) -> Result<Answer, Error> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
         let host = url.host_str().unwrap_or("?").to_owned();
@@ -591,6 +753,7 @@ impl Client {
             Body::None => None,
             Body::Json(ct, v) => Some((ct, v)),
         };
+        let once = op == Operation::CreateKey;
         let mut attempts = 0u32;
         let mut reauthed = false;
         loop {
@@ -634,18 +797,24 @@ impl Client {
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-                    Ok((status, retry_after, resp.bytes().await))
+                    let cap = if status.is_success() {
+                        MAX_RESPONSE_BODY
+                    } else {
+                        MAX_ERROR_BODY
+                    };
+                    Ok((status, retry_after, read_capped(resp, cap).await))
                 }
                 Err(e) => Err(e),
             };
             drop(permit);
+            let secrets = secrets.clone_with(token.expose_secret(), self.inner.apikey.expose_secret());
             let retry_in = match result {
                 Ok((status, retry_after, body)) => {
-                    let bytes = match body {
-                        Ok(b) => b.to_vec(),
+                    let (bytes, cut) = match body {
+                        Ok(b) => b,
                         Err(e) => {
                             let kind = transport_kind(&e);
-                            match self.backoff(attempts, started, None, retryable_transport(op)) {
+                            match self.backoff(attempts, started, None, !once) {
                                 Some(d) => {
                                     tracing::warn!(%op, attempt = attempts, %correlation_id, "reading the response failed ({kind}); retrying");
                                     tokio::time::sleep(d).await;
@@ -658,13 +827,23 @@ impl Client {
                                         host,
                                         correlation_id: Some(correlation_id),
                                         attempts,
-                                        source: e,
+                                        source: e.without_url(),
                                     })
                                 }
                             }
                         }
                     };
                     if status.is_success() {
+                        if cut {
+                            return Err(Error::BadResponse {
+                                op,
+                                reason: format!(
+                                    "HTTP {} with a body longer than {MAX_RESPONSE_BODY} bytes",
+                                    status.as_u16()
+                                ),
+                                correlation_id: Some(correlation_id),
+                            });
+                        }
                         return Ok(Answer {
                             status,
                             body: bytes,
@@ -673,15 +852,22 @@ impl Client {
                     }
                     if status == StatusCode::UNAUTHORIZED && !reauthed {
                         reauthed = true;
-                        tracing::info!(%op, %correlation_id, "key protect answered 401; fetching a new IAM token and retrying once");
                         self.invalidate(&token).await;
-                        attempts -= 1;
-                        continue;
+                        if !once {
+                            tracing::info!(%op, %correlation_id, "key protect answered 401; fetching a new IAM token and retrying once");
+                            attempts -= 1;
+                            continue;
+                        }
                     }
-                    let err = api_error(op, status.as_u16(), &bytes, correlation_id.clone(), attempts);
-                    let retryable = is_transient_status(status.as_u16())
-                        && (op != Operation::CreateKey || status == StatusCode::TOO_MANY_REQUESTS);
-                    if !retryable {
+                    let err = api_error(
+                        op,
+                        status.as_u16(),
+                        &bytes,
+                        correlation_id.clone(),
+                        attempts,
+                        &secrets,
+                    );
+                    if !is_transient_status(status.as_u16()) || once {
                         return Err(err);
                     }
                     match self.backoff(attempts, started, retry_after, true) {
@@ -698,8 +884,7 @@ impl Client {
                         attempts,
                         started,
                         None,
-                        retryable_transport(op)
-                            && matches!(kind, TransportKind::Timeout | TransportKind::Connection),
+                        !once && matches!(kind, TransportKind::Timeout | TransportKind::Connection),
                     ) {
                         Some(d) => {
                             tracing::warn!(%op, attempt = attempts, %correlation_id, "key protect {kind}; retrying");
@@ -833,8 +1018,16 @@ impl Client {
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-                    let bytes = Zeroizing::new(resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
+                    let (bytes, cut) = read_capped(resp, MAX_ERROR_BODY).await.unwrap_or_default();
+                    let secrets = Secrets::default().clone_with("", self.inner.apikey.expose_secret());
                     if status.is_success() {
+                        if cut {
+                            return Err(Error::BadResponse {
+                                op: Operation::Token,
+                                reason: format!("IAM answer is longer than {MAX_ERROR_BODY} bytes"),
+                                correlation_id: None,
+                            });
+                        }
                         let t: TokenResponse =
                             serde_json::from_slice(&bytes).map_err(|e| Error::BadResponse {
                                 op: Operation::Token,
@@ -848,25 +1041,32 @@ impl Client {
                                 correlation_id: None,
                             });
                         }
-                        let life = Duration::from_secs(t.expires_in.unwrap_or(3600).max(1));
+                        let life = token_lifetime(t.expires_in);
                         let o = &self.inner.opts;
                         let margin = o.token_expiry_margin.min(life / 4);
                         let fraction = o.token_refresh_fraction.clamp(0.05, 1.0);
+                        let at = |d: Duration| sent.checked_add(d).unwrap_or(sent);
                         return Ok(CachedToken {
                             value: t.access_token,
-                            refresh_at: sent + life.mul_f64(fraction).min(life - margin),
-                            expires_at: sent + (life - margin),
+                            refresh_at: at(life.mul_f64(fraction).min(life.saturating_sub(margin))),
+                            expires_at: at(life.saturating_sub(margin)),
                         });
                     }
                     let parsed: Option<IamError> = serde_json::from_slice(&bytes).ok();
                     let err = Error::Iam {
                         status: status.as_u16(),
-                        code: parsed.as_ref().and_then(|p| p.error_code.clone()),
+                        code: parsed
+                            .as_ref()
+                            .and_then(|p| p.error_code.as_deref())
+                            .map(|c| secrets.scrub(c)),
                         message: parsed
                             .as_ref()
-                            .and_then(|p| p.error_message.clone())
-                            .unwrap_or_else(|| snippet(&bytes)),
-                        request_id: parsed.and_then(|p| p.context).and_then(|c| c.request_id),
+                            .and_then(|p| p.error_message.as_deref())
+                            .map_or_else(|| snippet(&bytes, &secrets), |m| secrets.scrub(m)),
+                        request_id: parsed
+                            .and_then(|p| p.context)
+                            .and_then(|c| c.request_id)
+                            .map(|r| secrets.scrub(&r)),
                         attempts,
                     };
                     if !is_transient_status(status.as_u16()) || single_attempt {
@@ -917,11 +1117,6 @@ impl ClassifyStr for serde_json::Error {
             serde_json::error::Category::Eof => "truncated",
         }
     }
-}
-
-fn retryable_transport(op: Operation) -> bool {
-    // A create whose connection dropped may have been executed: never repeat it blindly.
-    op != Operation::CreateKey
 }
 
 fn is_loopback_host(u: &Url) -> bool {
@@ -1019,14 +1214,42 @@ fn check_ciphertext(c: &str) -> Result<&str, Error> {
     Ok(c)
 }
 
+/// IAM's `expires_in` as a lifetime: 1 hour when absent, at least 1 s, at most
+/// [`MAX_TOKEN_LIFETIME`] (so that no instant arithmetic can overflow).
+fn token_lifetime(expires_in: Option<u64>) -> Duration {
+    Duration::from_secs(expires_in.unwrap_or(3600).max(1)).min(MAX_TOKEN_LIFETIME)
+}
+
 fn decode_plaintext(op: Operation, p: &str, corr: &str) -> Result<Zeroizing<Vec<u8>>, Error> {
-    b64::decode_lenient(p)
+    let bad = |reason: &str| Error::BadResponse {
+        op,
+        reason: reason.into(),
+        correlation_id: Some(corr.to_owned()),
+    };
+    let plaintext = b64::decode_lenient(p)
         .map(Zeroizing::new)
-        .map_err(|_| Error::BadResponse {
-            op,
-            reason: "the plaintext in the answer is not base64".into(),
-            correlation_id: Some(corr.to_owned()),
-        })
+        .map_err(|_| bad("the plaintext in the answer is not base64"))?;
+    if plaintext.is_empty() {
+        return Err(bad("the plaintext in the answer is empty"));
+    }
+    Ok(plaintext)
+}
+
+/// A ciphertext that Key Protect returned must be one that can be unwrapped later: non-empty
+/// base64. Storing anything else (in an image or a `kp-key` Secret) would lose the key.
+fn check_answer_ciphertext(op: Operation, c: &str, a: &Answer) -> Result<(), Error> {
+    let reason = if c.trim().is_empty() {
+        "the ciphertext in the answer is empty"
+    } else if !b64::decode_lenient(c).is_ok_and(|b| !b.is_empty()) {
+        "the ciphertext in the answer is not base64"
+    } else {
+        return Ok(());
+    };
+    Err(Error::BadResponse {
+        op,
+        reason: reason.into(),
+        correlation_id: Some(a.correlation_id.clone()),
+    })
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(op: Operation, a: &Answer) -> Result<T, Error> {
@@ -1050,13 +1273,10 @@ fn first_key(op: Operation, a: &Answer) -> Result<Key, Error> {
     })
 }
 
-fn snippet(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(bytes);
-    let s: String = s
-        .chars()
-        .filter(|c| !c.is_control() || *c == ' ')
-        .take(300)
-        .collect();
+/// A non-JSON error body, as [`server_text`] renders it.
+fn snippet(bytes: &[u8], secrets: &Secrets) -> String {
+    let s = String::from_utf8_lossy(&bytes[..bytes.len().min(8 << 10)]);
+    let s = secrets.scrub(&s);
     if s.trim().is_empty() {
         "(empty body)".into()
     } else {
@@ -1064,7 +1284,28 @@ fn snippet(bytes: &[u8]) -> String {
     }
 }
 
-fn api_error(op: Operation, status: u16, body: &[u8], correlation_id: String, attempts: u32) -> Error {
+fn scrub_reason(r: Reason, secrets: &Secrets) -> Reason {
+    let opt = |o: Option<String>| o.map(|s| secrets.scrub(&s));
+    Reason {
+        code: secrets.scrub(&r.code),
+        message: secrets.scrub(&r.message),
+        status: r.status,
+        more_info: opt(r.more_info),
+        target: r.target.map(|t| crate::ReasonTarget {
+            kind: secrets.scrub(&t.kind),
+            name: secrets.scrub(&t.name),
+        }),
+    }
+}
+
+fn api_error(
+    op: Operation,
+    status: u16,
+    body: &[u8],
+    correlation_id: String,
+    attempts: u32,
+    secrets: &Secrets,
+) -> Error {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct ErrRes {
@@ -1077,10 +1318,16 @@ fn api_error(op: Operation, status: u16, body: &[u8], correlation_id: String, at
     let first = parsed.and_then(|c| c.resources.into_iter().next());
     let (message, reasons) = match first {
         Some(r) => (
-            r.error_msg.unwrap_or_else(|| snippet(body)),
-            r.reasons.unwrap_or_default(),
+            r.error_msg
+                .map_or_else(|| snippet(body, secrets), |m| secrets.scrub(&m)),
+            r.reasons
+                .unwrap_or_default()
+                .into_iter()
+                .take(MAX_REASONS)
+                .map(|r| scrub_reason(r, secrets))
+                .collect(),
         ),
-        None => (snippet(body), Vec::new()),
+        None => (snippet(body, secrets), Vec::new()),
     };
     Error::Api {
         op,
@@ -1124,6 +1371,14 @@ mod tests {
     }
 
     #[test]
+    fn token_lifetimes_saturate() {
+        assert_eq!(token_lifetime(None), Duration::from_secs(3600));
+        assert_eq!(token_lifetime(Some(0)), Duration::from_secs(1));
+        assert_eq!(token_lifetime(Some(i64::MAX as u64)), MAX_TOKEN_LIFETIME);
+        assert_eq!(token_lifetime(Some(u64::MAX)), MAX_TOKEN_LIFETIME);
+    }
+
+    #[test]
     fn form_encoding() {
         assert_eq!(form_encode("a b+c/="), "a%20b%2Bc%2F%3D");
     }
@@ -1132,7 +1387,7 @@ mod tests {
     fn error_json_parsing() {
         let body = br#"{"metadata":{"collectionType":"application/vnd.ibm.kms.error+json","collectionTotal":1},
           "resources":[{"errorMsg":"Conflict: Key is not in active state","reasons":[{"code":"KEY_ACTION_INVALID_STATE_ERR","message":"Key is not in a valid state","status":409,"moreInfo":"https://cloud.ibm.com/apidocs/key-protect","target":{"type":"field","name":"id"}}]}]}"#;
-        let e = api_error(Operation::Unwrap, 409, body, "c1".into(), 1);
+        let e = api_error(Operation::Unwrap, 409, body, "c1".into(), 1, &Secrets::default());
         assert!(e.is_key_unusable() && !e.is_transient());
         assert_eq!(e.reasons()[0].code, "KEY_ACTION_INVALID_STATE_ERR");
         let s = e.to_string();
@@ -1146,9 +1401,10 @@ mod tests {
             b"Unprocessable Entity: Invalid ciphertext",
             "c2".into(),
             1,
+            &Secrets::default(),
         );
         assert!(e.to_string().contains("Invalid ciphertext"));
-        assert!(api_error(Operation::Wrap, 503, b"", "c".into(), 5).is_transient());
-        assert!(!api_error(Operation::Wrap, 501, b"", "c".into(), 1).is_transient());
+        assert!(api_error(Operation::Wrap, 503, b"", "c".into(), 5, &Secrets::default()).is_transient());
+        assert!(!api_error(Operation::Wrap, 501, b"", "c".into(), 1, &Secrets::default()).is_transient());
     }
 }

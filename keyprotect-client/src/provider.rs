@@ -14,6 +14,7 @@
 //! registered under the name `keyprotect`).
 
 use ocicrypt_core::keyprovider::{KeyProviderRequest, KeyProviderResponse, OP_KEYUNWRAP, OP_KEYWRAP};
+use ocicrypt_core::redact::token;
 use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper};
 use zeroize::Zeroizing;
 
@@ -61,8 +62,15 @@ pub async fn serve_request(
     opts: &ProviderOptions,
     input: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, ProviderServeError> {
-    let req =
-        KeyProviderRequest::from_json(input).map_err(|e| ProviderServeError::BadRequest(e.to_string()))?;
+    // serde's message quotes a value of the wrong type (a key, a password): never print it.
+    let req = KeyProviderRequest::from_json(input).map_err(|e| {
+        ProviderServeError::BadRequest(format!(
+            "not a keyprovider request {{\"op\", \"keywrapparams\"|\"keyunwrapparams\"}}: {} at line {} column {}",
+            crate::wrapper::json_error_kind(&e),
+            e.line(),
+            e.column()
+        ))
+    })?;
     match req.op.as_str() {
         OP_KEYWRAP => {
             let ec = req
@@ -83,8 +91,8 @@ pub async fn serve_request(
                 }
                 None => {
                     return Err(ProviderServeError::BadRequest(format!(
-                        "ec.Parameters has no entry {:?} (this provider's name; set it with --name)",
-                        opts.name
+                        "ec.Parameters has no entry \"{}\" (this provider's name; set it with --name)",
+                        token(&opts.name)
                     )))
                 }
             };
@@ -125,7 +133,8 @@ pub async fn serve_request(
             Ok(KeyProviderResponse::unwrapped(&opts).to_json())
         }
         other => Err(ProviderServeError::BadRequest(format!(
-            "unknown op {other:?} (expected keywrap or keyunwrap)"
+            "unknown op \"{}\" (expected keywrap or keyunwrap)",
+            token(other)
         ))),
     }
 }

@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::Path;
 
 use ocicrypt_core::keywrap::BoxFuture;
+use ocicrypt_core::redact::token;
 use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper, UnwrapError, WrapError};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -54,9 +55,15 @@ impl KeyProtectBlob {
     /// # Errors
     /// [`UnwrapError::Malformed`].
     pub fn parse(blob: &[u8]) -> Result<Self, UnwrapError> {
+        // serde's message would quote the offending value: say only where and what kind.
         let b: Self = serde_json::from_slice(blob).map_err(|e| UnwrapError::Malformed {
             scheme: SCHEME.into(),
-            reason: format!("not the Key Protect JSON {{kp_url, instance_id, root_key_id, ciphertext}}: {e}"),
+            reason: format!(
+                "not the Key Protect JSON {{kp_url, instance_id, root_key_id, ciphertext}} ({} at line {} column {})",
+                json_error_kind(&e),
+                e.line(),
+                e.column()
+            ),
         })?;
         if b.root_key_id.trim().is_empty() || b.ciphertext.trim().is_empty() {
             return Err(UnwrapError::Malformed {
@@ -119,7 +126,11 @@ impl KeyProtectWrapper {
             .wrap(&self.root_key_id, optsdata, aad)
             .await
             .map_err(|e| WrapError::Backend {
-                context: format!("Key Protect wrap with root key {}{}", self.root_key_id, hint(&e)),
+                context: format!(
+                    "Key Protect wrap with root key {}{}",
+                    quote_id(&self.root_key_id),
+                    hint(&e)
+                ),
                 source: Box::new(e),
             })?;
         let blob = KeyProtectBlob {
@@ -168,9 +179,9 @@ impl KeyProtectUnwrapper {
             return Err(UnwrapError::Backend {
                 context: format!(
                     "this layer key was wrapped by Key Protect instance {} ({}), but the configured instance is {}",
-                    b.instance_id,
-                    b.kp_url,
-                    self.client.instance_id()
+                    quote_id(&b.instance_id),
+                    token(&b.kp_url),
+                    quote_id(self.client.instance_id())
                 ),
                 source: "Key Protect instance mismatch".into(),
             });
@@ -181,7 +192,11 @@ impl KeyProtectUnwrapper {
             .unwrap(&b.root_key_id, &b.ciphertext, aad)
             .await
             .map_err(|e| UnwrapError::Backend {
-                context: format!("Key Protect unwrap with root key {}{}", b.root_key_id, hint(&e)),
+                context: format!(
+                    "Key Protect unwrap with root key {}{}",
+                    quote_id(&b.root_key_id),
+                    hint(&e)
+                ),
                 source: Box::new(e),
             })?;
         Ok(out.plaintext)
@@ -194,6 +209,27 @@ impl AsyncKeyUnwrapper for KeyProtectUnwrapper {
     }
     fn unwrap_key<'a>(&'a self, blob: &'a [u8]) -> BoxFuture<'a, Result<Zeroizing<Vec<u8>>, UnwrapError>> {
         Box::pin(self.unwrap_inner(blob))
+    }
+}
+
+/// A key or instance id for a message: a UUID as itself (the shape Key Protect uses; a UUID
+/// holds nothing else), anything else (an alias, or hostile text from an image) as a
+/// [`token`].
+fn quote_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if uuid::Uuid::try_parse(id).is_ok() {
+        std::borrow::Cow::Borrowed(id)
+    } else {
+        token(id)
+    }
+}
+
+/// What kind of JSON error `e` is, without the input it quotes.
+pub(crate) fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "a field is missing or has the wrong type",
+        serde_json::error::Category::Eof => "truncated",
     }
 }
 
