@@ -97,7 +97,8 @@ pub struct TransportArgs {
         alias = "dst-creds"
     )]
     pub dst_creds: Option<String>,
-    /// Use HTTPS and verify certificates (false: plain HTTP).
+    /// Verify the registry's TLS certificate (false: HTTPS without verification, plain HTTP if
+    /// the registry does not speak TLS).
     #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tls_verify: Option<bool>,
     /// As --tls-verify, for the source.
@@ -106,6 +107,21 @@ pub struct TransportArgs {
     /// As --tls-verify, for the destination.
     #[arg(long = "dest-tls-verify", alias = "dst-tls-verify", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub dst_tls_verify: Option<bool>,
+    /// Certificates for the registries (*.crt CAs, NAME.cert + NAME.key client certificate),
+    /// instead of /etc/containers/certs.d/HOST[:PORT] and the other certs.d directories.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// As --cert-dir, for the source.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub src_cert_dir: Option<PathBuf>,
+    /// As --cert-dir, for the destination.
+    #[arg(
+        long = "dest-cert-dir",
+        alias = "dst-cert-dir",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub dst_cert_dir: Option<PathBuf>,
     /// A containers-auth.json file with credentials (default: $REGISTRY_AUTH_FILE,
     /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).
     #[arg(long, global = true, value_name = "PATH")]

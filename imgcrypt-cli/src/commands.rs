@@ -76,7 +76,11 @@ pub async fn execute(cfg: Config, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
 fn registry_options(host: &str, access: &Access) -> Result<RegistryOptions, CliError> {
     Ok(RegistryOptions {
         creds: find_creds(host, access.creds.clone(), access.authfile.as_deref())?,
-        tls_verify: access.tls_verify,
+        tls: imgcrypt_registry::tls::TlsOptions {
+            skip_verify: !access.tls_verify,
+            cert_dir: access.cert_dir.clone(),
+            certs_d_roots: None,
+        },
         stall_timeout: access.stall_timeout,
     })
 }
@@ -85,7 +89,7 @@ fn registry_options(host: &str, access: &Access) -> Result<RegistryOptions, CliE
 ///
 /// # Errors
 /// [`ErrorKind::BadReference`].
-pub fn open_source(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageSource>, CliError> {
+pub async fn open_source(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageSource>, CliError> {
     match r {
         ImageRef::Layout { path, tag } => {
             let layout = OciLayout::open(path, tag.as_deref())
@@ -97,12 +101,12 @@ pub fn open_source(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageSource>
         }
         ImageRef::Registry(reg) => {
             let opts = registry_options(&reg.host, access)?;
-            Ok(Arc::new(RegistryImage::new(reg.clone(), opts, false)?))
+            Ok(Arc::new(RegistryImage::connect(reg.clone(), opts, false).await?))
         }
     }
 }
 
-fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, CliError> {
+async fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, CliError> {
     match r {
         ImageRef::Layout { path, tag } => {
             let layout = OciLayout::open_or_create(path, tag.as_deref()).map_err(|e| {
@@ -113,7 +117,7 @@ fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, CliErr
         }
         ImageRef::Registry(reg) => {
             let opts = registry_options(&reg.host, access)?;
-            Ok(Arc::new(RegistryImage::new(reg.clone(), opts, true)?))
+            Ok(Arc::new(RegistryImage::connect(reg.clone(), opts, true).await?))
         }
     }
 }
@@ -162,10 +166,10 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             (Operation::SetRecipients { unwrappers, wrappers }, kc)
         }
     };
-    let src = open_source(&t.src, &t.src_access)?;
+    let src = open_source(&t.src, &t.src_access).await?;
     // Surface a missing image or an unreachable source before creating anything.
     src.root().await.map_err(|e| from_core(&e, &keyctx))?;
-    let dst = open_dest(&t.dst, &t.dst_access)?;
+    let dst = open_dest(&t.dst, &t.dst_access).await?;
     let show = ctx.tty && !ctx.output.json && !ctx.output.quiet;
     let report = ops::transform_image(src, dst, op, t.selection, progress::reporter(show), t.concurrency)
         .await
@@ -247,7 +251,7 @@ fn scheme_text(l: &ops::LayerInfo) -> String {
 /// # Errors
 /// Classified errors.
 pub async fn inspect_info(image: &ImageRef, access: &Access) -> Result<ImageInfo, CliError> {
-    let src = open_source(image, access)?;
+    let src = open_source(image, access).await?;
     ops::inspect(src.as_ref())
         .await
         .map_err(|e| from_core(&e, &KeyContext::default()))
@@ -299,7 +303,7 @@ async fn check(
     ctx: &mut Ctx<'_>,
 ) -> Result<(), CliError> {
     let (unwrappers, keyctx) = schemes::unwrappers(keys)?;
-    let src = open_source(image, access)?;
+    let src = open_source(image, access).await?;
     let sel = LayerSelection {
         layers: vec![],
         platforms,

@@ -25,8 +25,11 @@ pub struct Output {
 pub struct Access {
     /// Explicit credentials.
     pub creds: Option<Creds>,
-    /// HTTPS (true) or plain HTTP.
+    /// Verify the registry's TLS certificate (false: HTTPS without verification, or plain
+    /// HTTP when the registry does not speak TLS).
     pub tls_verify: bool,
+    /// A certificate directory replacing the per-registry certs.d lookup.
+    pub cert_dir: Option<PathBuf>,
     /// Auth file to use instead of the defaults.
     pub authfile: Option<PathBuf>,
     /// A registry request or transfer that makes no progress for this long fails.
@@ -207,10 +210,10 @@ impl std::fmt::Display for KeyType {
 }
 
 fn access(t: &cli::TransportArgs, src: bool) -> Result<Access, CliError> {
-    let (side_creds, flag, side_tls) = if src {
-        (&t.src_creds, "--src-creds", t.src_tls_verify)
+    let (side_creds, flag, side_tls, side_cert_dir) = if src {
+        (&t.src_creds, "--src-creds", t.src_tls_verify, &t.src_cert_dir)
     } else {
-        (&t.dst_creds, "--dest-creds", t.dst_tls_verify)
+        (&t.dst_creds, "--dest-creds", t.dst_tls_verify, &t.dst_cert_dir)
     };
     let creds = match (side_creds, &t.creds) {
         (Some(c), _) => Some(Creds::parse(c, flag)?),
@@ -220,6 +223,7 @@ fn access(t: &cli::TransportArgs, src: bool) -> Result<Access, CliError> {
     Ok(Access {
         creds,
         tls_verify: side_tls.or(t.tls_verify).unwrap_or(true),
+        cert_dir: side_cert_dir.clone().or_else(|| t.cert_dir.clone()),
         authfile: t.authfile.clone(),
         stall_timeout: stall_timeout(t.stall_timeout)?,
     })

@@ -15,7 +15,9 @@
 //!   [`MAX_TOKEN_BODY`] for token answers; blobs stop at their declared size), and every
 //!   transfer must move at least [`MIN_PROGRESS`] bytes per stall timeout
 //!   ([`RegistryOptions::stall_timeout`]) or it fails.
-//! * `--tls-verify=false` means plain HTTP.
+//! * TLS as containers/image sets it up ([`imgcrypt_registry::tls`]): web roots, the system
+//!   store, `certs.d` and `--cert-dir`, client certificates. `--tls-verify=false` means HTTPS
+//!   without verification, and plain HTTP only when the registry does not speak TLS.
 
 use std::fmt;
 use std::io;
@@ -37,6 +39,8 @@ use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use zeroize::Zeroizing;
+
+use imgcrypt_registry::tls::{self, RegistryTls, TlsFailure, TlsOptions};
 
 use crate::auth::Creds;
 use crate::error::{CliError, ErrorKind};
@@ -90,6 +94,15 @@ pub enum RegistryError {
         /// What was asked for.
         what: String,
     },
+    /// The TLS handshake failed (certificate not trusted, expired, wrong name; client
+    /// certificate required; plain HTTP).
+    #[error("registry {registry}: TLS handshake failed: {}", failure.reason())]
+    Tls {
+        /// `host[:port]`.
+        registry: String,
+        /// Why.
+        failure: TlsFailure,
+    },
     /// The registry said no (another 4xx) or answered something unexpected.
     #[error("registry {registry}: {detail}")]
     Protocol {
@@ -111,6 +124,9 @@ impl RegistryError {
                 .hint("check the host and port, that the registry is running, and --tls-verify=false for a plain-HTTP registry"),
             RegistryError::NotFound { .. } => CliError::new(ErrorKind::BadReference, self.to_string())
                 .hint("check the repository and tag (skopeo list-tags docker://HOST/REPO lists the tags)"),
+            RegistryError::Tls { registry, failure } => {
+                CliError::new(ErrorKind::Network, self.to_string()).hint(failure.hint(registry))
+            }
             RegistryError::Protocol { .. } => CliError::new(ErrorKind::Failure, self.to_string()),
         }
     }
@@ -125,8 +141,8 @@ fn core(e: RegistryError) -> CoreError {
 pub struct RegistryOptions {
     /// Credentials, if any.
     pub creds: Option<Creds>,
-    /// `false`: plain HTTP.
-    pub tls_verify: bool,
+    /// TLS: verification, certificate directory.
+    pub tls: TlsOptions,
     /// A request whose answer does not start, or a transfer that moves fewer than
     /// [`MIN_PROGRESS`] bytes, within this time fails.
     pub stall_timeout: Duration,
@@ -145,6 +161,7 @@ pub struct RegistryImage {
     stall: Duration,
     creds: Option<Creds>,
     push: bool,
+    skip_verify: bool,
     auth: Mutex<Option<Zeroizing<String>>>,
     root: Mutex<Option<(Descriptor, Vec<u8>)>>,
     uploads: Mutex<Vec<String>>,
@@ -299,12 +316,18 @@ impl RegistryImage {
     /// # Errors
     /// [`ErrorKind::Failure`] if the HTTP client cannot be built.
     pub fn new(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, CliError> {
-        let scheme = if opts.tls_verify { "https" } else { "http" };
-        let base = format!("{scheme}://{}", r.api_host());
+        let base = format!("https://{}", r.api_host());
+        let tls = RegistryTls::new(&r.host, &opts.tls).map_err(|e| {
+            CliError::new(ErrorKind::Usage, format!("registry {}: {e}", r.host)).hint(
+                "fix the certificate directory (see containers-certs.d(5): *.crt CAs, NAME.cert with NAME.key)",
+            )
+        })?;
         let builder = || {
-            Client::builder()
-                .user_agent(concat!("imgcrypt/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(15))
+            tls.apply(
+                Client::builder()
+                    .user_agent(concat!("imgcrypt/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(Duration::from_secs(15)),
+            )
         };
         let err = |e: reqwest::Error| {
             CliError::new(ErrorKind::Failure, format!("cannot build the HTTP client: {e}"))
@@ -327,10 +350,41 @@ impl RegistryImage {
             stall,
             creds: opts.creds,
             push,
+            skip_verify: opts.tls.skip_verify,
             auth: Mutex::new(None),
             root: Mutex::new(None),
             uploads: Mutex::new(Vec::new()),
         })
+    }
+
+    /// As [`new`](Self::new); with verification off, also finds out whether the registry speaks
+    /// HTTPS or only plain HTTP (as containers/image: `GET /v2/` over HTTPS, then over HTTP if
+    /// that failed; HTTP is used only if the registry answers it).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub async fn connect(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, CliError> {
+        let mut img = Self::new(r, opts, push)?;
+        if img.skip_verify {
+            img.pick_scheme().await;
+        }
+        Ok(img)
+    }
+
+    async fn pick_scheme(&mut self) {
+        let https = format!("{}/v2/", self.base);
+        if self.client.get(&https).send().await.is_ok() {
+            return;
+        }
+        // Any HTTP answer (even an error status) means the registry speaks plain HTTP.
+        let http_base = format!("http://{}", self.r.api_host());
+        if self.client.get(format!("{http_base}/v2/")).send().await.is_ok() {
+            if let Ok(origin) = reqwest::Url::parse(&http_base) {
+                tracing::debug!("registry {}: plain HTTP", self.r.host);
+                self.base = http_base;
+                self.origin = origin;
+            }
+        }
     }
 
     fn host(&self) -> String {
@@ -342,6 +396,12 @@ impl RegistryImage {
     }
 
     fn net(&self, e: &reqwest::Error) -> RegistryError {
+        if let Some(failure) = tls::classify(e) {
+            return RegistryError::Tls {
+                registry: self.host(),
+                failure,
+            };
+        }
         let mut detail = e.to_string();
         let mut src = std::error::Error::source(e);
         while let Some(s) = src {

@@ -1,0 +1,11 @@
+//! # imgcrypt-registry
+//!
+//! Where images come from and go to, for programs that encrypt and decrypt them with
+//! `ocicrypt-core`: registries reached the way containers/image (skopeo, podman, CRI-O) reaches
+//! them, and image archives.
+//!
+//! * [`tls`]: trusted roots (web, system store, `certs.d`), client certificates,
+//!   `--tls-verify=false`, and failures explained.
+#![warn(missing_docs)]
+
+pub mod tls;
