@@ -11,6 +11,7 @@
 //!   that tries every scheme and entry;
 //! * [`keys`]: public and private key parsing (PEM, DER, JWK, certificates, encrypted keys);
 //! * [`jwe`]: the JWE key-wrap scheme;
+//! * [`pkcs7`]: the PKCS#7 (CMS EnvelopedData) key-wrap scheme, for X.509 certificates;
 //! * [`image`]: image operations over OCI layouts and other stores (encrypt, decrypt, add and
 //!   remove recipients, inspect, check authorization);
 //! * [`keyprovider`]: the client side of the ocicrypt key-provider protocol;
@@ -57,6 +58,8 @@ pub mod keys;
 pub mod keywrap;
 pub mod mediatype;
 pub mod options;
+#[cfg(feature = "jwe")]
+pub mod pkcs7;
 pub mod redact;
 #[cfg(feature = "jwe")]
 pub mod stream_processor;
