@@ -11,6 +11,8 @@ use crate::error::{CliError, ErrorKind};
 pub enum RecipientSpec {
     /// `jwe:FILE`: a public key file.
     Jwe(PathBuf),
+    /// `pkcs7:FILE`: an X.509 certificate (RSA), PEM or DER.
+    Pkcs7(PathBuf),
     /// `provider:NAME[:PARAM]`: an ocicrypt key provider.
     Provider {
         /// The provider name.
@@ -52,11 +54,11 @@ impl KeySpec {
 /// Largest password file read.
 pub const MAX_PASSWORD_FILE: u64 = 64 << 10;
 
-const KNOWN_SCHEMES: &str = "jwe:, provider:";
+const KNOWN_SCHEMES: &str = "jwe:, pkcs7:, provider:";
 
 fn unknown_scheme(what: &str, input: &str, scheme: &str) -> CliError {
     let extra = match scheme {
-        "pkcs7" | "pgp" | "pkcs11" => format!(
+        "pgp" | "pkcs11" => format!(
             " ({scheme}: is an ocicrypt scheme this build does not implement; use jwe: keys, or skopeo for {scheme}:)"
         ),
         _ => String::new(),
@@ -65,7 +67,7 @@ fn unknown_scheme(what: &str, input: &str, scheme: &str) -> CliError {
         ErrorKind::UnknownScheme,
         format!("{what} {input:?}: unknown scheme {scheme:?}{extra}; known schemes: {KNOWN_SCHEMES}"),
     )
-    .hint("write recipients as jwe:PUBLIC_KEY_FILE (e.g. --recipient jwe:public.pem)")
+    .hint("write recipients as jwe:PUBLIC_KEY_FILE or pkcs7:CERTIFICATE (e.g. --recipient jwe:public.pem)")
 }
 
 fn parse_provider(rest: &str) -> Result<(String, Option<String>), String> {
@@ -97,6 +99,14 @@ pub fn parse_recipient(input: &str) -> Result<RecipientSpec, CliError> {
                 ));
             }
             Ok(RecipientSpec::Jwe(PathBuf::from(value)))
+        }
+        "pkcs7" => {
+            if value.is_empty() {
+                return Err(CliError::usage(
+                    "recipient pkcs7: needs an X.509 certificate file: pkcs7:cert.pem",
+                ));
+            }
+            Ok(RecipientSpec::Pkcs7(PathBuf::from(value)))
         }
         "provider" => {
             let (name, param) = parse_provider(value).map_err(CliError::usage)?;
@@ -175,10 +185,10 @@ pub fn parse_key(input: &str) -> Result<KeySpec, CliError> {
     }
     if let Some((scheme, _)) = input.split_once(':') {
         if matches!(scheme, "pgp" | "pkcs7" | "pkcs11" | "jwe") {
-            if scheme == "jwe" {
+            if scheme == "jwe" || scheme == "pkcs7" {
                 return Err(CliError::usage(format!(
                     "--key {input:?}: keys are files without a scheme; write --key {}",
-                    &input[4..]
+                    &input[scheme.len() + 1..]
                 )));
             }
             return Err(unknown_scheme("key", input, scheme));
@@ -232,6 +242,11 @@ mod tests {
                 param: None
             }
         );
+        assert_eq!(
+            parse_recipient("pkcs7:c.pem").unwrap(),
+            RecipientSpec::Pkcs7("c.pem".into())
+        );
+        assert_eq!(parse_recipient("pkcs7:").unwrap_err().kind, ErrorKind::Usage);
         assert_eq!(
             parse_recipient("pgp:me@x").unwrap_err().kind,
             ErrorKind::UnknownScheme

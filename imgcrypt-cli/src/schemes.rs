@@ -1,12 +1,13 @@
-//! Turns recipient and key specs into the core's key wrappers and unwrappers (JWE, key
-//! providers). No cryptography here: the schemes live in `ocicrypt-core`.
+//! Turns recipient and key specs into the core's key wrappers and unwrappers (JWE, PKCS#7,
+//! key providers). No cryptography here: the schemes live in `ocicrypt-core`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ocicrypt_core::jwe::{JweUnwrapper, JweWrapper};
 use ocicrypt_core::keyprovider::{KeyProviderConfig, ProviderError};
-use ocicrypt_core::keys::{read_key_dir_lenient, PrivateKey, PublicKey};
+use ocicrypt_core::keys::{read_key_dir_lenient, KeyError, PrivateKey, PublicKey};
+use ocicrypt_core::pkcs7::{Certificate, Pkcs7Unwrapper, Pkcs7Wrapper};
 use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper};
 
 use crate::config::Keys;
@@ -61,16 +62,26 @@ fn provider_config(spec: &str) -> Result<KeyProviderConfig, CliError> {
     }
 }
 
-/// The wrappers for a set of recipients: every `jwe:` public key goes into one JWE (as skopeo
-/// does), every provider gets its own wrapper.
+/// The wrappers for a set of recipients: every `jwe:` public key goes into one JWE and every
+/// `pkcs7:` certificate into one PKCS#7 blob (as skopeo does), every provider gets its own
+/// wrapper.
 ///
 /// # Errors
 /// [`ErrorKind::KeyFile`] for an unreadable or unusable public key, provider errors.
 pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrapper>>, CliError> {
     let mut jwe_keys = Vec::new();
+    let mut certs = Vec::new();
     let mut out: Vec<Arc<dyn AsyncKeyWrapper>> = Vec::new();
     for r in recipients {
         match r {
+            RecipientSpec::Pkcs7(path) => {
+                let c = Certificate::from_file(path).map_err(|e| {
+                    let mut c = CliError::from(e);
+                    c.message = format!("recipient pkcs7:{}: {}", path.display(), c.message);
+                    c
+                })?;
+                certs.push(c);
+            }
             RecipientSpec::Jwe(path) => {
                 let k = PublicKey::from_file(path).map_err(|e| {
                     let mut c = CliError::from(e);
@@ -106,6 +117,15 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
         })?;
         out.insert(0, Arc::new(w));
     }
+    if !certs.is_empty() {
+        let w = Pkcs7Wrapper::new(certs).map_err(|e| {
+            CliError::new(
+                ErrorKind::KeyFile,
+                format!("cannot encrypt for these recipients: {e}"),
+            )
+        })?;
+        out.push(Arc::new(w));
+    }
     Ok(out)
 }
 
@@ -115,14 +135,23 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
 /// [`ErrorKind::KeyFile`] for unreadable or unusable keys, provider errors.
 pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyContext), CliError> {
     let mut private: Vec<PrivateKey> = Vec::new();
+    let mut certs: Vec<Certificate> = Vec::new();
     let mut ctx = KeyContext::default();
     let mut out: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
     for k in keys.keys {
         ctx.key_sources.push(k.describe());
         match k {
             KeySpec::File { path, password } => {
-                let key = PrivateKey::from_file(&path, password.as_deref().map(|p| &p[..]))?;
-                private.push(key);
+                match PrivateKey::from_file(&path, password.as_deref().map(|p| &p[..])) {
+                    Ok(key) => private.push(key),
+                    // skopeo users pass the certificate too for pkcs7 (Go needs it; we do
+                    // not, but take it to try the matching RecipientInfo first).
+                    Err(e @ KeyError::Unsupported { .. }) => match Certificate::from_file(&path) {
+                        Ok(c) => certs.push(c),
+                        Err(_) => return Err(e.into()),
+                    },
+                    Err(e) => return Err(e.into()),
+                }
             }
             KeySpec::Provider { name, .. } if name == KEYPROTECT && !configured_provider(&name) => {
                 out.push(Arc::new(keyprotect_client::KeyProtectUnwrapper::new(
@@ -163,6 +192,10 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
         }
     }
     if !private.is_empty() {
+        let p7 = Pkcs7Unwrapper::new(private.iter().map(PrivateKey::share).collect()).with_certificates(certs);
+        if p7.has_usable_keys() {
+            out.insert(0, Arc::new(p7));
+        }
         out.insert(0, Arc::new(JweUnwrapper::new(private)));
     }
     Ok((out, ctx))

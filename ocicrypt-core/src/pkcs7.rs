@@ -670,5 +670,16 @@ pub fn inspect(blob: &[u8]) -> Result<Vec<Pkcs7RecipientInfo>, UnwrapError> {
         .collect())
 }
 
+/// The number of recipients in a `keys.pkcs7` annotation value (all comma entries), or `None`
+/// if an entry does not parse.
+pub fn count_recipients(annotation: &str) -> Option<usize> {
+    let mut total = 0;
+    for entry in annotation.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let blob = crate::options::decode_b64(entry).ok()?;
+        total += parse(&blob).ok()?.recipients.len();
+    }
+    Some(total)
+}
+
 #[cfg(test)]
 mod tests;

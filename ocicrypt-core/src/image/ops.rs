@@ -747,10 +747,11 @@ pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
                     let schemes = schemes_present(&ann)
                         .into_iter()
                         .map(|(scheme, entries)| {
-                            let recipients = if scheme == "jwe" {
-                                count_jwe_recipients(&ann[&mt::keys_annotation(&scheme)])
-                            } else {
-                                None
+                            let value = &ann[&mt::keys_annotation(&scheme)];
+                            let recipients = match scheme.as_str() {
+                                "jwe" => count_jwe_recipients(value),
+                                crate::pkcs7::SCHEME => crate::pkcs7::count_recipients(value),
+                                _ => None,
                             };
                             SchemeInfo {
                                 scheme,

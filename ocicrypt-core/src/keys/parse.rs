@@ -456,6 +456,19 @@ impl PrivateKey {
         Ok(Zeroizing::new(String::from_utf8_lossy(&pem).into_owned()))
     }
 
+    /// Another handle to the same key, for a second scheme (PKCS#7 and JWE both use RSA keys):
+    /// shares OpenSSL's reference-counted key, the key material is not copied.
+    pub fn share(&self) -> PrivateKey {
+        PrivateKey {
+            pkey: self.pkey.clone(),
+            kind: self.kind,
+            alg: self.alg.clone(),
+            kid: self.kid.clone(),
+            format: self.format,
+            source_name: self.source_name.clone(),
+        }
+    }
+
     pub(crate) fn pkey(&self) -> &PKeyRef<Private> {
         &self.pkey
     }
