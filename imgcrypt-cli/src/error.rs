@@ -74,7 +74,7 @@ impl ErrorKind {
             ErrorKind::WrongKey => "wrong key: none of the given keys can decrypt a layer",
             ErrorKind::TamperedLayer => "tampered layer: layer data failed verification (MAC or digest)",
             ErrorKind::UnknownScheme => {
-                "unknown scheme in a --recipient or --key (jwe:, provider: are known)"
+                "unknown scheme in a --recipient or --key (jwe:, pkcs7:, provider: are known)"
             }
             ErrorKind::BadReference => "bad image reference, or the image does not exist",
             ErrorKind::RegistryAuth => "registry authentication failed",

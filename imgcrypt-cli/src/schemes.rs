@@ -192,7 +192,8 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
         }
     }
     if !private.is_empty() {
-        let p7 = Pkcs7Unwrapper::new(private.iter().map(PrivateKey::share).collect()).with_certificates(certs);
+        let p7 =
+            Pkcs7Unwrapper::new(private.iter().map(PrivateKey::share).collect()).with_certificates(certs);
         if p7.has_usable_keys() {
             out.insert(0, Arc::new(p7));
         }

@@ -27,8 +27,19 @@ fn openssl_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &cert, "-days", "2",
-            "-subj", &format!("/CN={name}/O=imgcrypt tests"),
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}/O=imgcrypt tests"),
         ],
     );
     (dir.join(key), dir.join(cert))
@@ -113,9 +124,15 @@ fn pkcs7_both_ways_with_skopeo() {
 
     // A key that is no recipient: exit 4, nothing written.
     let out = d.join("nothing");
-    imgcrypt(&["decrypt", "--key", &s(&key_c), &oci(&ours, "v1"), &oci(&out, "v1")])
-        .expect_code(4)
-        .stderr_has(&["wrong key", "carol.key.pem"]);
+    imgcrypt(&[
+        "decrypt",
+        "--key",
+        &s(&key_c),
+        &oci(&ours, "v1"),
+        &oci(&out, "v1"),
+    ])
+    .expect_code(4)
+    .stderr_has(&["wrong key", "carol.key.pem"]);
     assert!(!out.join("index.json").exists() || blob_count(&out) == 0);
 
     // A tampered blob (one byte of the encrypted content key): exit 4, nothing written.
@@ -127,17 +144,36 @@ fn pkcs7_both_ways_with_skopeo() {
     blob[n - 40] ^= 1;
     rewrite_annotation(&tampered, "pkcs7", &ocicrypt_core::options::encode_b64(&blob));
     let out = d.join("nothing2");
-    imgcrypt(&["decrypt", "--key", &s(&key_a), &oci(&tampered, "v1"), &oci(&out, "v1")])
-        .expect_code(4)
-        .stderr_has(&["pkcs7"]);
+    imgcrypt(&[
+        "decrypt",
+        "--key",
+        &s(&key_a),
+        &oci(&tampered, "v1"),
+        &oci(&out, "v1"),
+    ])
+    .expect_code(4)
+    .stderr_has(&["pkcs7"]);
     assert!(!out.join("index.json").exists() || blob_count(&out) == 0);
 
     // An EC certificate is refused clearly.
     openssl(
         d,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-            "ec.key.pem", "-out", "ec.cert.pem", "-days", "1", "-subj", "/CN=ec",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ec.key.pem",
+            "-out",
+            "ec.cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=ec",
         ],
     );
     imgcrypt(&[
@@ -186,8 +222,7 @@ fn rewrite_annotation(layout: &Path, scheme: &str, value: &str) {
     let index_path = layout.join("index.json");
     let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     let d = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let mut m: serde_json::Value =
-        serde_json::from_slice(&testkit::image::read_blob(layout, &d)).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&testkit::image::read_blob(layout, &d)).unwrap();
     m["layers"][0]["annotations"][format!("org.opencontainers.image.enc.keys.{scheme}")] = value.into();
     let bytes = serde_json::to_vec(&m).unwrap();
     let digest = testkit::image::sha256(&bytes);

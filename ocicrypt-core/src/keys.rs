@@ -75,9 +75,9 @@ pub(crate) use parse::ec_coordinates as parse_ec_coordinates;
 #[cfg(feature = "jwe")]
 pub(crate) use parse::read_key_file;
 #[cfg(feature = "jwe")]
-pub(crate) use pem::{contains_pem, parse_blocks as pem_blocks};
-#[cfg(feature = "jwe")]
 pub use parse::{Curve, KeyFormat, KeyKind, PrivateKey, PublicKey, MAX_KEY_FILE_SIZE};
+#[cfg(feature = "jwe")]
+pub(crate) use pem::{contains_pem, parse_blocks as pem_blocks};
 
 /// Why a key could not be read or used.
 ///

@@ -99,26 +99,28 @@ impl Certificate {
     /// [`KeyError::Unsupported`] when the data is not a certificate,
     /// [`KeyError::UnsupportedAlgorithm`] for a non-RSA certificate, [`KeyError::Malformed`].
     pub fn from_bytes(bytes: &[u8], source_name: &str) -> Result<Certificate, KeyError> {
-        let der = if crate::keys::contains_pem(bytes) {
-            let blocks = crate::keys::pem_blocks(bytes).map_err(|reason| KeyError::Malformed {
-                source_name: source_name.to_owned(),
-                what: "PEM".into(),
-                reason,
-            })?;
-            let cert = blocks
-                .iter()
-                .find(|b| b.label == "CERTIFICATE" || b.label == "X509 CERTIFICATE")
-                .ok_or_else(|| KeyError::Unsupported {
+        let der =
+            if crate::keys::contains_pem(bytes) {
+                let blocks = crate::keys::pem_blocks(bytes).map_err(|reason| KeyError::Malformed {
                     source_name: source_name.to_owned(),
-                    found: format!(
+                    what: "PEM".into(),
+                    reason,
+                })?;
+                let cert =
+                    blocks
+                        .iter()
+                        .find(|b| b.label == "CERTIFICATE" || b.label == "X509 CERTIFICATE")
+                        .ok_or_else(|| KeyError::Unsupported {
+                            source_name: source_name.to_owned(),
+                            found: format!(
                         "no CERTIFICATE block (PEM blocks: {}); pkcs7: recipients are X.509 certificates",
                         blocks.iter().map(|b| b.label.as_str()).collect::<Vec<_>>().join(", ")
                     ),
-                })?;
-            Zeroizing::new(cert.der.to_vec())
-        } else {
-            Zeroizing::new(bytes.to_vec())
-        };
+                        })?;
+                Zeroizing::new(cert.der.to_vec())
+            } else {
+                Zeroizing::new(bytes.to_vec())
+            };
         let malformed = |reason: String| KeyError::Malformed {
             source_name: source_name.to_owned(),
             what: "X.509 certificate".into(),
@@ -182,10 +184,7 @@ fn format_id(issuer: &[u8], serial: &[u8]) -> String {
 }
 
 fn serial_value(tlv: &[u8]) -> &[u8] {
-    Reader::new(tlv)
-        .any()
-        .map(|t| t.contents)
-        .unwrap_or_default()
+    Reader::new(tlv).any().map(|t| t.contents).unwrap_or_default()
 }
 
 /// An X.509 Name TLV as one line of text (no control characters).
@@ -261,8 +260,9 @@ impl KeyWrapper for Pkcs7Wrapper {
         let cek = random(16);
         let nonce = random(NONCE_LEN);
         let mut tag = [0u8; TAG_LEN];
-        let mut ct = openssl::symm::encrypt_aead(Cipher::aes_128_gcm(), &cek, Some(&nonce), &[], optsdata, &mut tag)
-            .map_err(|e| WrapError::Backend {
+        let mut ct =
+            openssl::symm::encrypt_aead(Cipher::aes_128_gcm(), &cek, Some(&nonce), &[], optsdata, &mut tag)
+                .map_err(|e| WrapError::Backend {
                 context: "AES-128-GCM encryption of the layer options".into(),
                 source: Box::new(e),
             })?;
@@ -289,7 +289,10 @@ impl KeyWrapper for Pkcs7Wrapper {
             der::GO_PRIMITIVE_SEQUENCE,
             &der::tlv_of(
                 der::SEQUENCE,
-                &[&der::tlv(der::CONTEXT_4_PRIM, &nonce), &der::tlv(der::INTEGER, &[TAG_LEN as u8])],
+                &[
+                    &der::tlv(der::CONTEXT_4_PRIM, &nonce),
+                    &der::tlv(der::INTEGER, &[TAG_LEN as u8]),
+                ],
             ),
         );
         let eci = der::tlv_of(
@@ -452,7 +455,11 @@ fn parse_inner(blob: &[u8]) -> Result<Parsed<'_>, String> {
             let mut parts = Reader::new(enc.contents);
             let mut out = Vec::new();
             while !parts.is_empty() {
-                out.extend_from_slice(parts.expect(der::OCTET_STRING, "encryptedContent segment")?.contents);
+                out.extend_from_slice(
+                    parts
+                        .expect(der::OCTET_STRING, "encryptedContent segment")?
+                        .contents,
+                );
             }
             out
         }
@@ -554,7 +561,12 @@ impl Pkcs7Unwrapper {
         self.keys.iter().any(|k| matches!(k.kind(), KeyKind::Rsa { .. }))
     }
 
-    fn try_open(&self, p: &Parsed<'_>, r: &ParsedRecipient<'_>, key: &PrivateKey) -> Option<Zeroizing<Vec<u8>>> {
+    fn try_open(
+        &self,
+        p: &Parsed<'_>,
+        r: &ParsedRecipient<'_>,
+        key: &PrivateKey,
+    ) -> Option<Zeroizing<Vec<u8>>> {
         let KeyKind::Rsa { bits } = key.kind() else {
             return None;
         };

@@ -89,10 +89,7 @@ impl<'a> Reader<'a> {
     pub fn expect(&mut self, tag: u8, what: &str) -> Result<Tlv<'a>, String> {
         let t = self.any().map_err(|e| format!("{what}: {e}"))?;
         if t.tag != tag {
-            return Err(format!(
-                "{what}: expected tag 0x{tag:02x}, found 0x{:02x}",
-                t.tag
-            ));
+            return Err(format!("{what}: expected tag 0x{tag:02x}, found 0x{:02x}", t.tag));
         }
         Ok(t)
     }

@@ -41,23 +41,36 @@ fn fresh_cert(cn: &str, serial: u32) -> (Certificate, PrivateKey) {
     let name = name.build();
     let mut b = X509Builder::new().unwrap();
     b.set_version(2).unwrap();
-    b.set_serial_number(&openssl::bn::BigNum::from_u32(serial).unwrap().to_asn1_integer().unwrap())
-        .unwrap();
+    b.set_serial_number(
+        &openssl::bn::BigNum::from_u32(serial)
+            .unwrap()
+            .to_asn1_integer()
+            .unwrap(),
+    )
+    .unwrap();
     b.set_subject_name(&name).unwrap();
     b.set_issuer_name(&name).unwrap();
     b.set_pubkey(key.pkey()).unwrap();
-    b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
-    b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
-    b.sign(key.pkey(), openssl::hash::MessageDigest::sha256()).unwrap();
+    b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    b.sign(key.pkey(), openssl::hash::MessageDigest::sha256())
+        .unwrap();
     let der = b.build().to_der().unwrap();
     (Certificate::from_bytes(&der, cn).unwrap(), key)
 }
 
 #[test]
 fn opens_the_skopeo_vector_with_the_key_alone() {
-    let opts = Pkcs7Unwrapper::new(vec![vector_key()]).unwrap_key(&skopeo_blob()).unwrap();
+    let opts = Pkcs7Unwrapper::new(vec![vector_key()])
+        .unwrap_key(&skopeo_blob())
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&opts).unwrap();
-    assert_eq!(v["digest"], "sha256:1c1b98c9551f0866da476a38c850d62f2af2f409a18145a8c384be96fa37e8b2", "{v}");
+    assert_eq!(
+        v["digest"], "sha256:1c1b98c9551f0866da476a38c850d62f2af2f409a18145a8c384be96fa37e8b2",
+        "{v}"
+    );
     // with the certificate too (the skopeo way)
     let u = Pkcs7Unwrapper::new(vec![vector_key()]).with_certificates(vec![vector_cert()]);
     assert_eq!(u.unwrap_key(&skopeo_blob()).unwrap(), opts);
@@ -66,11 +79,20 @@ fn opens_the_skopeo_vector_with_the_key_alone() {
 #[test]
 fn writes_what_go_writes() {
     let theirs = skopeo_blob();
-    let opts = Pkcs7Unwrapper::new(vec![vector_key()]).unwrap_key(&theirs).unwrap();
-    let blob = Pkcs7Wrapper::new(vec![vector_cert()]).unwrap().wrap_keys(&opts).unwrap();
+    let opts = Pkcs7Unwrapper::new(vec![vector_key()])
+        .unwrap_key(&theirs)
+        .unwrap();
+    let blob = Pkcs7Wrapper::new(vec![vector_cert()])
+        .unwrap()
+        .wrap_keys(&opts)
+        .unwrap();
     // Byte for byte the same outside the random parts (encrypted key, nonce, ciphertext).
     assert_eq!(blob.len(), theirs.len());
-    for (range, what) in [(0..104, "head"), (360..394, "content algorithm"), (406..412, "content header")] {
+    for (range, what) in [
+        (0..104, "head"),
+        (360..394, "content algorithm"),
+        (406..412, "content header"),
+    ] {
         assert_eq!(blob[range.clone()], theirs[range], "{what}");
     }
     // Same structure up to the random parts: the RecipientInfo prefix (issuer, serial,
@@ -78,8 +100,8 @@ fn writes_what_go_writes() {
     let ri_prefix = &theirs[30..104];
     assert!(blob.windows(ri_prefix.len()).any(|w| w == ri_prefix));
     let gcm_prefix = [
-        0x30, 0x20, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x01, 0x06, 0x10, 0x13, 0x30, 0x11, 0x84,
-        0x0c,
+        0x30, 0x20, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x01, 0x06, 0x10, 0x13, 0x30, 0x11,
+        0x84, 0x0c,
     ];
     assert!(theirs.windows(gcm_prefix.len()).any(|w| w == gcm_prefix));
     assert!(blob.windows(gcm_prefix.len()).any(|w| w == gcm_prefix));
@@ -92,9 +114,15 @@ fn several_recipients_each_open_it_and_others_do_not() {
     let (c1, k1) = fresh_cert("one", 1);
     let (c2, k2) = fresh_cert("two", 0x80ff);
     let (_, k3) = fresh_cert("three", 3);
-    let blob = Pkcs7Wrapper::new(vec![c1, c2]).unwrap().wrap_keys(b"secret opts").unwrap();
+    let blob = Pkcs7Wrapper::new(vec![c1, c2])
+        .unwrap()
+        .wrap_keys(b"secret opts")
+        .unwrap();
     for k in [k1, k2] {
-        assert_eq!(&Pkcs7Unwrapper::new(vec![k]).unwrap_key(&blob).unwrap()[..], b"secret opts");
+        assert_eq!(
+            &Pkcs7Unwrapper::new(vec![k]).unwrap_key(&blob).unwrap()[..],
+            b"secret opts"
+        );
     }
     let e = Pkcs7Unwrapper::new(vec![k3]).unwrap_key(&blob).unwrap_err();
     assert!(matches!(e, UnwrapError::NoMatchingKey { .. }), "{e}");
@@ -106,7 +134,9 @@ fn several_recipients_each_open_it_and_others_do_not() {
 fn ec_keys_and_certificates_are_refused_clearly() {
     let (ec_priv, _) = generate_ec("P-256").unwrap();
     let ec = PrivateKey::from_bytes(ec_priv.as_bytes(), None, "ec").unwrap();
-    let e = Pkcs7Unwrapper::new(vec![ec]).unwrap_key(&skopeo_blob()).unwrap_err();
+    let e = Pkcs7Unwrapper::new(vec![ec])
+        .unwrap_key(&skopeo_blob())
+        .unwrap_err();
     assert!(matches!(e, UnwrapError::NoMatchingKey { .. }));
     let e = Certificate::from_file(&vectors().join("keys/rsa.pub.pem")).unwrap_err();
     assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
