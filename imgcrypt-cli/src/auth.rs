@@ -1,5 +1,7 @@
 //! Registry credentials: `--creds`, `--authfile`/`REGISTRY_AUTH_FILE`,
-//! `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.docker/config.json`.
+//! `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.docker/config.json`; in each file a
+//! `credHelpers` entry for the registry, else `credsStore`, else the `auths` entry (Docker
+//! credential helpers run through [`imgcrypt_registry::credhelper`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -108,6 +110,41 @@ pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>,
         )
         .hint("fix or remove the file, or pass --creds USER:PASSWORD")
     })?;
+    // As the Docker CLI: a credHelpers entry for the registry, else the credsStore, else auths.
+    let helper = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| h.iter().find(|(k, _)| host_matches(k, host)))
+        .and_then(|(_, n)| n.as_str())
+        .map(|n| (n, "credHelpers"))
+        .or_else(|| {
+            v.get("credsStore")
+                .and_then(|n| n.as_str())
+                .filter(|n| !n.is_empty())
+                .map(|n| (n, "credsStore"))
+        });
+    if let Some((name, field)) = helper {
+        let server = imgcrypt_registry::credhelper::server_for(host);
+        match imgcrypt_registry::credhelper::get(name, &server) {
+            Ok(Some(c)) if !c.username.is_empty() => {
+                return Ok(Some(Creds {
+                    user: c.username,
+                    password: c.secret,
+                    origin: format!("credential helper docker-credential-{name} ({field} in {origin})"),
+                }))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(CliError::new(
+                    ErrorKind::RegistryAuth,
+                    format!("registry {host}: {e} ({field} in {origin})"),
+                )
+                .hint(format!(
+                    "install docker-credential-{name} on PATH or fix it, remove the {field} entry from {origin}, or pass --creds USER:PASSWORD"
+                )))
+            }
+        }
+    }
     let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
         return Ok(None);
     };

@@ -4,8 +4,10 @@
 //! `ocicrypt-core`: registries reached the way containers/image (skopeo, podman, CRI-O) reaches
 //! them, and image archives.
 //!
+//! * [`credhelper`]: Docker credential helpers (`credsStore`, `credHelpers`).
 //! * [`tls`]: trusted roots (web, system store, `certs.d`), client certificates,
 //!   `--tls-verify=false`, and failures explained.
 #![warn(missing_docs)]
 
+pub mod credhelper;
 pub mod tls;
