@@ -171,17 +171,19 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     src.root().await.map_err(|e| from_core(&e, &keyctx))?;
     let dst = open_dest(&t.dst, &t.dst_access).await?;
     let show = ctx.tty && !ctx.output.json && !ctx.output.quiet;
-    let report = ops::transform_image(src, dst, op, t.selection, progress::reporter(show), t.concurrency)
-        .await
-        .map_err(|e| {
-            let mut c = from_core(&e, &keyctx);
-            let left = match &t.dst {
-                ImageRef::Layout { .. } => format!("nothing was written to {}", t.dst),
-                ImageRef::Registry(_) => format!("no tag was pushed to {}", t.dst),
-            };
-            c.message.push_str(&format!("; {left}"));
-            c
-        })?;
+    crate::interrupt::arm(Arc::clone(&dst));
+    let report =
+        ops::transform_image(src, dst, op, t.selection, progress::reporter(show), t.concurrency).await;
+    crate::interrupt::disarm();
+    let report = report.map_err(|e| {
+        let mut c = from_core(&e, &keyctx);
+        let left = match &t.dst {
+            ImageRef::Layout { .. } => format!("nothing was written to {}", t.dst),
+            ImageRef::Registry(_) => format!("no tag was pushed to {}", t.dst),
+        };
+        c.message.push_str(&format!("; {left}"));
+        c
+    })?;
     let changed = report.layers.iter().filter(|l| l.action != "kept").count();
     if changed == 0 && !ctx.output.json && !ctx.output.quiet {
         let what = match op_name {

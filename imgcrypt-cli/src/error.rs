@@ -32,11 +32,15 @@ pub enum ErrorKind {
     Network,
     /// A key file that cannot be read or used.
     KeyFile,
+    /// Interrupted by SIGINT (what was written was removed).
+    Interrupted,
+    /// Terminated by SIGTERM (what was written was removed).
+    Terminated,
 }
 
 impl ErrorKind {
     /// Every kind, in exit-code order (for `--help` and docs).
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Failure,
         ErrorKind::Usage,
         ErrorKind::MissingKey,
@@ -47,6 +51,8 @@ impl ErrorKind {
         ErrorKind::RegistryAuth,
         ErrorKind::Network,
         ErrorKind::KeyFile,
+        ErrorKind::Interrupted,
+        ErrorKind::Terminated,
     ];
 
     /// The process exit code.
@@ -62,6 +68,8 @@ impl ErrorKind {
             ErrorKind::RegistryAuth => 8,
             ErrorKind::Network => 9,
             ErrorKind::KeyFile => 10,
+            ErrorKind::Interrupted => 130,
+            ErrorKind::Terminated => 143,
         }
     }
 
@@ -80,6 +88,8 @@ impl ErrorKind {
             ErrorKind::RegistryAuth => "registry authentication failed",
             ErrorKind::Network => "network failure: the registry could not be reached or failed",
             ErrorKind::KeyFile => "a key file cannot be read or used (missing, wrong password, not a key)",
+            ErrorKind::Interrupted => "interrupted by SIGINT (Ctrl-C); what the run wrote was removed",
+            ErrorKind::Terminated => "terminated by SIGTERM; what the run wrote was removed",
         }
     }
 }

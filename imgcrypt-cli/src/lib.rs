@@ -18,6 +18,7 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod interrupt;
 pub mod keyspec;
 pub mod progress;
 pub mod reference;
@@ -58,7 +59,17 @@ where
             .build()
             .map_err(|e| CliError::new(ErrorKind::Failure, format!("cannot start the async runtime: {e}")))?;
         let mut ctx = commands::Ctx { out, output, tty };
-        rt.block_on(commands::execute(cfg, &mut ctx))
+        let r = rt.block_on(async {
+            let signalled = interrupt::listen()?;
+            tokio::select! {
+                r = commands::execute(cfg, &mut ctx) => r,
+                e = signalled => Err(e),
+            }
+        });
+        // Blocking threads of an interrupted run are not waited for: what they wrote was
+        // removed, and they end with the process.
+        rt.shutdown_background();
+        r
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

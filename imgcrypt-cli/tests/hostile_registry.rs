@@ -367,3 +367,184 @@ fn a_trickling_registry_fails_at_the_stall_timeout() {
         started.elapsed()
     );
 }
+
+/// A registry serving the image `r:v1` of `layout` (its layer blobs slowly, 32 KiB every 50 ms)
+/// and accepting pushes to any other repository (uploads numbered; nothing stored).
+fn slow_source_and_sink(layout: &Path) -> Server {
+    let m = testkit::image::manifest(layout, "v1");
+    let mbytes = serde_json::to_vec(&m).unwrap();
+    let config = m["config"]["digest"].as_str().unwrap().to_owned();
+    let layers: Vec<String> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    let layout = layout.to_path_buf();
+    let next = Arc::new(Mutex::new(0u32));
+    Server::start(move |req, s| {
+        let p = req.path.as_str();
+        match req.method.as_str() {
+            "GET" if p == "/v2/r/manifests/v1" => respond(
+                s,
+                "200 OK",
+                &[(
+                    "Content-Type",
+                    "application/vnd.oci.image.manifest.v1+json".into(),
+                )],
+                &mbytes,
+            ),
+            "GET" if p.starts_with("/v2/r/blobs/") => {
+                let d = p.trim_start_matches("/v2/r/blobs/");
+                let bytes = testkit::image::read_blob(&layout, d);
+                if d == config || !layers.iter().any(|l| l == d) {
+                    return respond(s, "200 OK", &[], &bytes);
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    bytes.len()
+                );
+                let _ = s.write_all(head.as_bytes());
+                for c in bytes.chunks(32 << 10) {
+                    if s.write_all(c).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            "HEAD" => respond(s, "404 Not Found", &[], b""),
+            "POST" => {
+                let mut n = next.lock().unwrap();
+                *n += 1;
+                respond(s, "202 Accepted", &[("Location", format!("/up/{n}"))], b"");
+            }
+            "PATCH" => respond(s, "202 Accepted", &[("Location", p.to_owned())], b""),
+            "PUT" | "DELETE" => respond(s, "201 Created", &[], b""),
+            _ => respond(s, "404 Not Found", &[], b""),
+        }
+    })
+}
+
+fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_imgcrypt"))
+        .args(args)
+        .env("HOME", std::env::temp_dir())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("DOCKER_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn wait_bounded(mut child: std::process::Child) -> (i32, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            return (st.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("imgcrypt did not exit within 30 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Item 7: SIGTERM mid-encrypt into a new layout removes the temporary file and the directory
+/// the run created, and exits 143; SIGINT mid-push deletes the open upload and exits 130.
+#[test]
+fn signals_abort_like_an_error() {
+    if !have_tool("openssl") || !have_tool("kill") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    // 4 MiB, served at ~640 KiB/s: the run is mid-layer for seconds.
+    write_image(&src, "v1", &[LayerSpec::random(4 << 20, 9, Compression::None)]);
+    let (_, public) = openssl_keypair(t.path(), "k", "p256");
+    let recipient = format!("jwe:{}", public.display());
+    let reg = slow_source_and_sink(&src);
+    let source = format!("docker://127.0.0.1:{}/r:v1", reg.port);
+
+    let dst = t.path().join("new-layout");
+    let child = spawn(&[
+        "--tls-verify=false",
+        "encrypt",
+        "--recipient",
+        &recipient,
+        &source,
+        &oci(&dst, "v1"),
+    ]);
+    wait_for("a temporary blob file in the new layout", || {
+        std::fs::read_dir(dst.join("blobs/sha256"))
+            .map(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    e.file_name().to_string_lossy().starts_with(".tmp-")
+                        && e.metadata().is_ok_and(|m| m.len() > 0)
+                })
+            })
+            .unwrap_or(false)
+    });
+    signal(&child, "-TERM");
+    let (code, err) = wait_bounded(child);
+    assert_eq!(code, 143, "{err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+    assert!(!dst.exists(), "the layout directory the run created is removed");
+
+    let before = reg.requests().len();
+    let child = spawn(&[
+        "--tls-verify=false",
+        "encrypt",
+        "--recipient",
+        &recipient,
+        &source,
+        &format!("docker://127.0.0.1:{}/out:enc", reg.port),
+    ]);
+    // The layer upload is open once the slow layer is being read.
+    wait_for("the layer blob being read", || {
+        reg.requests()[before..]
+            .iter()
+            .filter(|q| q.method == "POST")
+            .count()
+            >= 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-INT");
+    let (code, err) = wait_bounded(child);
+    assert_eq!(code, 130, "{err}");
+    let after = reg.requests()[before..].to_vec();
+    assert!(
+        after
+            .iter()
+            .any(|q| q.method == "DELETE" && q.path.starts_with("/up/")),
+        "the open upload was deleted: {after:?}"
+    );
+    assert!(
+        !after
+            .iter()
+            .any(|q| q.method == "PUT" && q.path.starts_with("/v2/out/manifests/")),
+        "nothing was tagged"
+    );
+}

@@ -4,6 +4,13 @@
 //! `org.opencontainers.image.ref.name` annotation. Every blob is written to a temporary file in
 //! the blob directory, synced and renamed into place once complete and verified; `index.json` is
 //! replaced atomically. Every read is verified against the digest that names it.
+//!
+//! A layout is hostile input: nothing below the layout directory is followed if it is a
+//! symbolic link (reading refuses it, writing never goes through it), only regular files are
+//! read (a FIFO or device is refused without blocking), a blob must have exactly the size its
+//! descriptor declares before it is read, manifests, indexes and configs are read only up to that
+//! size (and at most [`MAX_SMALL`]), and a blob already present in a destination is reused only
+//! when its digest verifies (it is rewritten otherwise).
 
 use std::collections::HashMap;
 use std::fs;
@@ -26,6 +33,8 @@ use crate::Error;
 /// The annotation that names an image in `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const OCI_LAYOUT_CONTENT: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
+/// Largest `index.json`, manifest, index or config read into memory.
+pub const MAX_SMALL: u64 = 32 << 20;
 
 /// An OCI image layout directory, optionally with the tag an operation reads or writes.
 #[derive(Debug)]
@@ -33,6 +42,9 @@ pub struct OciLayout {
     root: PathBuf,
     tag: Option<String>,
     created: Mutex<Vec<PathBuf>>,
+    /// Temporary files being written, removed by `abort` even while a writer thread still
+    /// holds them (an interrupted run does not wait for its threads).
+    temps: Mutex<Vec<PathBuf>>,
     index_lock: Mutex<()>,
     /// What `open_or_create` made (the layout skeleton, and whether the directory itself),
     /// removed again by `abort` so a failed operation leaves nothing behind.
@@ -46,11 +58,22 @@ impl OciLayout {
     /// [`Error::Image`] when `root` is not an OCI layout (no `oci-layout` or `index.json`).
     pub fn open(root: impl Into<PathBuf>, tag: Option<&str>) -> Result<Self, Error> {
         let root = root.into();
-        if !root.join("oci-layout").is_file() || !root.join("index.json").is_file() {
-            return Err(Error::Image(format!(
-                "{} is not an OCI image layout (no oci-layout or index.json file); check the path",
-                root.display()
-            )));
+        for name in ["oci-layout", "index.json"] {
+            match crate::fsutil::open_beneath(&root, &[name]) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(Error::Image(format!(
+                        "{} is not an OCI image layout (no oci-layout or index.json file); check the path",
+                        root.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(Error::Image(format!(
+                        "{} is not a usable OCI image layout: {name} is {e}",
+                        root.display()
+                    )))
+                }
+            }
         }
         Ok(Self::new(root, tag))
     }
@@ -65,7 +88,8 @@ impl OciLayout {
         let existed = root.exists();
         let empty = !existed || fs::read_dir(&root)?.next().is_none();
         if empty {
-            fs::create_dir_all(root.join("blobs").join("sha256"))?;
+            fs::create_dir_all(&root)?;
+            crate::fsutil::real_dirs_beneath(&root, &["blobs", "sha256"], true)?;
             crate::fsutil::write_bytes_atomic(&root.join("oci-layout"), OCI_LAYOUT_CONTENT.as_bytes())?;
             crate::fsutil::write_bytes_atomic(
                 &root.join("index.json"),
@@ -84,6 +108,7 @@ impl OciLayout {
             root,
             tag: tag.map(str::to_owned),
             created: Mutex::new(Vec::new()),
+            temps: Mutex::new(Vec::new()),
             index_lock: Mutex::new(()),
             skeleton: Mutex::new(None),
         }
@@ -104,6 +129,12 @@ impl OciLayout {
     /// # Errors
     /// [`Error::Image`] for a malformed digest (it would escape the blob directory).
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf, Error> {
+        let (alg, hex) = Self::blob_name(digest)?;
+        Ok(self.root.join("blobs").join(alg).join(hex))
+    }
+
+    /// `(algorithm, hex)` of a digest, checked to be safe as path components.
+    fn blob_name(digest: &str) -> Result<(&str, &str), Error> {
         let (alg, hex) = digest
             .split_once(':')
             .ok_or_else(|| Error::Image(format!("malformed digest {digest:?}")))?;
@@ -114,7 +145,67 @@ impl OciLayout {
         if !ok {
             return Err(Error::Image(format!("malformed digest {digest:?}")));
         }
-        Ok(self.root.join("blobs").join(alg).join(hex))
+        Ok((alg, hex))
+    }
+
+    /// Opens a blob for reading: no symbolic link below the layout is followed, and only a
+    /// regular file is accepted (without blocking on a FIFO).
+    fn open_blob_file(&self, digest: &str) -> Result<fs::File, Error> {
+        let (alg, hex) = Self::blob_name(digest)?;
+        crate::fsutil::open_beneath(&self.root, &["blobs", alg, hex]).map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::InvalidInput {
+                " (replace it with the file itself, e.g. with cp -L)"
+            } else {
+                ""
+            };
+            Error::Image(format!(
+                "cannot open blob {digest} in {}: {e}{hint}",
+                self.root.display()
+            ))
+        })
+    }
+
+    /// Opens a blob whose size must be exactly `size` (checked before anything is read).
+    fn open_sized(&self, digest: &str, size: u64) -> Result<fs::File, Error> {
+        let file = self.open_blob_file(digest)?;
+        let actual = file.metadata()?.len();
+        if actual != size {
+            return Err(Error::DigestMismatch {
+                what: format!("blob {digest} in {}", self.root.display()),
+                expected: format!("{digest} ({size} bytes)"),
+                actual: format!("a file of {actual} bytes"),
+            });
+        }
+        Ok(file)
+    }
+
+    /// True when the blob `digest` is present as a regular file of `size` bytes (if given)
+    /// whose content hashes to `digest`. Reads the whole blob.
+    fn blob_verifies(&self, digest: &str, size: Option<u64>) -> bool {
+        let Ok(mut file) = self.open_blob_file(digest) else {
+            return false;
+        };
+        if let Some(size) = size {
+            if file.metadata().map(|m| m.len()).ok() != Some(size) {
+                return false;
+            }
+        }
+        let mut hasher = Sha256::new();
+        if io::copy(&mut file, &mut hasher).is_err() {
+            return false;
+        }
+        format_sha256(hasher) == digest
+    }
+
+    /// The blob directory for `alg`, created if missing; refused if it or `blobs` is a symbolic
+    /// link (nothing is written through one).
+    fn blob_dir(&self, alg: &str) -> Result<PathBuf, Error> {
+        crate::fsutil::real_dirs_beneath(&self.root, &["blobs", alg], true).map_err(|e| {
+            Error::Image(format!(
+                "cannot write blobs into OCI layout {}: {e}",
+                self.root.display()
+            ))
+        })
     }
 
     /// Reads and parses `index.json`.
@@ -122,7 +213,10 @@ impl OciLayout {
     /// # Errors
     /// [`Error::Io`], or [`Error::Image`] when it does not parse.
     pub fn index(&self) -> Result<ImageIndex, Error> {
-        let bytes = fs::read(self.root.join("index.json"))?;
+        let what = || format!("{}/index.json", self.root.display());
+        let bytes = crate::fsutil::open_beneath(&self.root, &["index.json"])
+            .and_then(|f| crate::fsutil::read_bounded(f, MAX_SMALL))
+            .map_err(|e| Error::Image(format!("cannot read {}: {e}", what())))?;
         ImageIndex::from_reader(&bytes[..])
             .map_err(|e| Error::Image(format!("{}/index.json does not parse: {e}", self.root.display())))
     }
@@ -217,10 +311,13 @@ impl OciLayout {
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<String, Error> {
         let digest = super::digest::sha256_digest(bytes);
         let path = self.blob_path(&digest)?;
-        if !path.exists() {
-            fs::create_dir_all(path.parent().expect("blob dir"))?;
+        if !self.blob_verifies(&digest, Some(bytes.len() as u64)) {
+            let existed = fs::symlink_metadata(&path).is_ok();
+            self.blob_dir("sha256")?;
             crate::fsutil::write_bytes_atomic(&path, bytes)?;
-            self.created.lock().expect("lock").push(path);
+            if !existed {
+                self.created.lock().expect("lock").push(path);
+            }
         }
         Ok(digest)
     }
@@ -231,9 +328,19 @@ impl OciLayout {
     /// [`Error::Io`] (with the path) or [`Error::DigestMismatch`].
     pub fn get_bytes(&self, desc: &Descriptor) -> Result<Vec<u8>, Error> {
         let digest = desc.digest().to_string();
-        let path = self.blob_path(&digest)?;
-        let bytes = fs::read(&path)
-            .map_err(|e| Error::Image(format!("cannot read blob {digest} at {}: {e}", path.display())))?;
+        if desc.size() > MAX_SMALL {
+            return Err(Error::Image(format!(
+                "blob {digest} in {} is declared as {} bytes, more than the {MAX_SMALL} read into memory for a manifest, index or config",
+                self.root.display(),
+                desc.size()
+            )));
+        }
+        let file = self.open_sized(&digest, desc.size())?;
+        let bytes = crate::fsutil::read_bounded(file, desc.size()).map_err(|e| Error::DigestMismatch {
+            what: format!("blob {digest} in {}", self.root.display()),
+            expected: format!("{digest} ({} bytes)", desc.size()),
+            actual: e.to_string(),
+        })?;
         verify_bytes(
             &format!("blob {digest} in {}", self.root.display()),
             &bytes,
@@ -280,9 +387,7 @@ impl ImageSource for OciLayout {
                     "{what}: unsupported digest algorithm in {digest}; only sha256 is supported"
                 )));
             }
-            let path = self.blob_path(&digest)?;
-            let file = fs::File::open(&path)
-                .map_err(|e| Error::Image(format!("cannot open blob {digest} at {}: {e}", path.display())))?;
+            let file = self.open_sized(&digest, desc.size())?;
             let (tx, rx) = pipeline::chunk_channel(pipeline::DEPTH, pool);
             let size = desc.size();
             tokio::task::spawn_blocking(move || read_verified(file, tx, &digest, size, &what));
@@ -349,7 +454,16 @@ impl ImageDest for OciLayout {
     }
 
     fn has_blob<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(async move { Ok(self.blob_path(desc.digest().as_ref())?.is_file()) })
+        Box::pin(async move {
+            // Reused only if it verifies: a wrong blob planted under the digest is rewritten.
+            let digest = desc.digest().to_string();
+            Self::blob_name(&digest)?;
+            let size = desc.size();
+            let me = OciLayout::new(self.root.clone(), None);
+            tokio::task::spawn_blocking(move || me.blob_verifies(&digest, Some(size)))
+                .await
+                .map_err(|e| Error::Image(format!("blob check thread failed: {e}")))
+        })
     }
 
     fn write_blob<'a>(
@@ -373,9 +487,11 @@ impl ImageDest for OciLayout {
         mut data: ChunkReceiver,
     ) -> BoxFuture<'a, Result<(String, u64), Error>> {
         Box::pin(async move {
-            let dir = self.root.join("blobs").join("sha256");
-            fs::create_dir_all(&dir)?;
+            let dir = self.blob_dir("sha256")?;
             let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
+            let tmp_path = tmp.path().to_owned();
+            self.temps.lock().expect("lock").push(tmp_path.clone());
+            let forget_tmp = || self.temps.lock().expect("lock").retain(|p| p != &tmp_path);
             // Hash and write on a blocking thread, straight from the chunks.
             let written = tokio::task::spawn_blocking(move || -> Result<_, Error> {
                 let mut tmp = tmp;
@@ -393,15 +509,28 @@ impl ImageDest for OciLayout {
                 Ok((tmp, format_sha256(hasher), len))
             })
             .await
-            .map_err(|e| Error::Image(format!("blob writer thread failed: {e}")))?;
-            let (tmp, digest, len) = written?;
+            .map_err(|e| Error::Image(format!("blob writer thread failed: {e}")));
+            forget_tmp();
+            let (tmp, digest, len) = written??;
             let dest = self.blob_path(&digest)?;
-            if dest.exists() {
+            let existed = fs::symlink_metadata(&dest).is_ok();
+            let keep = existed && {
+                let me = OciLayout::new(self.root.clone(), None);
+                let d = digest.clone();
+                tokio::task::spawn_blocking(move || me.blob_verifies(&d, Some(len)))
+                    .await
+                    .unwrap_or(false)
+            };
+            if keep {
                 drop(tmp);
             } else {
+                // Absent, or present with the wrong bytes (or as a link, which the rename
+                // replaces rather than writes through).
                 tmp.persist(&dest).map_err(|e| Error::Io(e.error))?;
                 crate::fsutil::sync_dir(&dir);
-                self.created.lock().expect("lock").push(dest);
+                if !existed {
+                    self.created.lock().expect("lock").push(dest);
+                }
             }
             Ok((digest, len))
         })
@@ -427,8 +556,9 @@ impl ImageDest for OciLayout {
 
     fn abort(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            let temps = std::mem::take(&mut *self.temps.lock().expect("lock"));
             let created = std::mem::take(&mut *self.created.lock().expect("lock"));
-            for p in created {
+            for p in temps.into_iter().chain(created) {
                 let _ = fs::remove_file(p);
             }
             if let Some(made_root) = self.skeleton.lock().expect("lock").take() {
@@ -460,6 +590,65 @@ mod tests {
     use super::*;
     use crate::image::digest::sha256_digest;
     use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn hostile_layouts_are_refused_and_wrong_blobs_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = OciLayout::open_or_create(dir.path().join("l"), Some("t")).unwrap();
+        let data = b"{\"config\":1}".to_vec();
+        let digest = sha256_digest(&data);
+        let desc = descriptor("application/json", &digest, data.len() as u64).unwrap();
+        let path = l.blob_path(&digest).unwrap();
+
+        // A wrong blob under the digest is not reused: has_blob says no, put_bytes rewrites it.
+        fs::write(&path, b"{\"config\":2}").unwrap();
+        assert!(!l.has_blob(&desc).await.unwrap());
+        l.put_bytes(&data).unwrap();
+        assert!(l.has_blob(&desc).await.unwrap());
+        assert_eq!(l.get_bytes(&desc).unwrap(), data);
+
+        // A sparse file far larger than its descriptor is refused before it is read.
+        fs::File::create(&path).unwrap().set_len(8 << 30).unwrap();
+        let e = l.get_bytes(&desc).unwrap_err();
+        assert!(e.to_string().contains("a file of 8589934592 bytes"), "{e}");
+
+        // A symbolic link (to /dev/zero) and a FIFO are refused, not read.
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let e = l
+            .open_blob(&desc)
+            .await
+            .err()
+            .expect("a symlinked blob is refused");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        fs::remove_file(&path).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = l.get_bytes(&desc).unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        fs::remove_file(&path).unwrap();
+
+        // A destination whose blob directory is a link is not written through.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::remove_dir_all(dir.path().join("l/blobs")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("l/blobs")).unwrap();
+        let e = l.put_bytes(&data).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let mut r = &data[..];
+        assert!(l.write_blob("x", None, &mut r).await.is_err());
+        assert_eq!(
+            fs::read_dir(&elsewhere).unwrap().count(),
+            0,
+            "nothing written through the link"
+        );
+    }
 
     fn blob_files(l: &OciLayout) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(l.path().join("blobs/sha256"))
@@ -516,15 +705,11 @@ mod tests {
         // A wrong size is caught too, also when the blob is longer than declared.
         fs::write(l.blob_path(&digest).unwrap(), &data).unwrap();
         let short = descriptor("application/octet-stream", &digest, data.len() as u64 - 1).unwrap();
-        let mut out = Vec::new();
-        let e = l
-            .open_blob(&short)
-            .await
-            .unwrap()
-            .read_to_end(&mut out)
-            .await
-            .unwrap_err();
-        assert!(matches!(Error::from_stream(e), Error::DigestMismatch { .. }));
+        // (refused when opened: the file's size is not the declared one)
+        let Err(e) = l.open_blob(&short).await else {
+            panic!("a blob of the wrong size opens")
+        };
+        assert!(matches!(e, Error::DigestMismatch { .. }), "{e:?}");
 
         // A stream whose producer vanishes without its end marker is not published.
         let (tx, rx) = pipeline::chunk_channel(2, ChunkPool::standard());

@@ -816,6 +816,29 @@ pub async fn check_authorization(
                 continue;
             }
             let r = unwrap_options(&annotations_of(l), unwrappers).await;
+            // Everything decrypt checks before reading layer data, failing the same way: the
+            // unwrapped key, the nonce, the recorded MAC and the media type it would produce.
+            if let Ok((private, public)) = &r {
+                let valid = (|| -> Result<(), Error> {
+                    mt::decrypted_media_type(l.media_type().as_ref())?;
+                    private.key()?;
+                    public.nonce(private)?;
+                    cipher::ExpectedMac::from_slice(&public.hmac)?;
+                    Ok(())
+                })();
+                if let Err(e) = valid {
+                    let image = match d.platform() {
+                        Some(p) => format!("{} ({})", src.describe(), platform_name(p)),
+                        None => src.describe(),
+                    };
+                    return Err(Error::Layer {
+                        image,
+                        index: i,
+                        digest: l.digest().to_string(),
+                        source: Box::new(e),
+                    });
+                }
+            }
             out.push(LayerCheck {
                 platform: d.platform().as_ref().map(platform_name),
                 index: i,

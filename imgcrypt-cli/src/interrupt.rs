@@ -1,0 +1,63 @@
+//! SIGINT and SIGTERM abort a run the way an error does: the destination being written is told
+//! to [`abort`](ImageDest::abort) (temporary files and blobs of this run removed, a layout
+//! directory the run created removed, open registry uploads deleted), and the process exits
+//! with 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process killed by those signals.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ocicrypt_core::image::ImageDest;
+
+use crate::error::{CliError, ErrorKind};
+
+/// The destination being written, if any.
+static PENDING: Mutex<Option<Arc<dyn ImageDest>>> = Mutex::new(None);
+
+/// How long cleaning up after a signal may take (deleting uploads needs the registry).
+const CLEANUP: Duration = Duration::from_secs(10);
+
+/// Marks `dest` as being written: a signal from now on aborts it.
+pub fn arm(dest: Arc<dyn ImageDest>) {
+    *PENDING.lock().expect("interrupt lock") = Some(dest);
+}
+
+/// The write finished (or failed and aborted itself): a signal no longer touches it.
+pub fn disarm() {
+    *PENDING.lock().expect("interrupt lock") = None;
+}
+
+/// Installs the SIGINT and SIGTERM handlers and returns a future that completes with the
+/// error for the first of them.
+///
+/// # Errors
+/// [`ErrorKind::Failure`] when the handlers cannot be installed.
+pub fn listen() -> Result<impl std::future::Future<Output = CliError>, CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let err =
+        |e: std::io::Error| CliError::new(ErrorKind::Failure, format!("cannot install signal handlers: {e}"));
+    let mut int = signal(SignalKind::interrupt()).map_err(err)?;
+    let mut term = signal(SignalKind::terminate()).map_err(err)?;
+    Ok(async move {
+        let (kind, name) = tokio::select! {
+            _ = int.recv() => (ErrorKind::Interrupted, "SIGINT"),
+            _ = term.recv() => (ErrorKind::Terminated, "SIGTERM"),
+        };
+        let pending = PENDING.lock().expect("interrupt lock").take();
+        let what = match pending {
+            Some(dest) => {
+                let describe = dest.describe();
+                let done = tokio::time::timeout(CLEANUP, dest.abort()).await.is_ok();
+                if done {
+                    format!("; what this run wrote to {describe} was removed")
+                } else {
+                    format!(
+                        "; cleaning up {describe} did not finish within {} s",
+                        CLEANUP.as_secs()
+                    )
+                }
+            }
+            None => String::new(),
+        };
+        CliError::new(kind, format!("interrupted by {name}{what}"))
+    })
+}
