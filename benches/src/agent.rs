@@ -1,6 +1,6 @@
 //! The node agent benchmark behind the `agent-bench` binary: the real `keysync-agent` process
 //! against the Kubernetes API stand-in ([`testkit::kube::KubeStandin`]) and the Key Protect
-//! emulator ([`keyprotect_client::emulator::Emulator`]), both on 127.0.0.1.
+//! emulator ([`keyprotect_emulator::Emulator`]), both on 127.0.0.1.
 //!
 //! Measures the time from a Secret's creation to its file on disk (one Secret at a time, p50/p99),
 //! a burst of N new Secrets until all files are on disk, N deletions until all files are gone,
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
-use keyprotect_client::emulator::{Emulator, Op};
+use keyprotect_emulator::{Emulator, Op};
 use testkit::kube::KubeStandin;
 
 /// The namespace the agent watches.

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{imgcrypt, imgcrypt_env, layer_blobs, oci};
-use keyprotect_client::emulator::Emulator;
+use keyprotect_emulator::Emulator;
 use testkit::image::{write_image, Compression, LayerSpec};
 use testkit::tools::{have_tool, openssl_keypair};
 

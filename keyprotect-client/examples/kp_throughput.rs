@@ -6,8 +6,8 @@
 //! ```
 use std::time::Instant;
 
-use keyprotect_client::emulator::{Emulator, Op};
 use keyprotect_client::Client;
+use keyprotect_emulator::{Emulator, Op};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

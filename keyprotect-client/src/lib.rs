@@ -13,8 +13,9 @@
 //!   `kp wrap` / `kp unwrap` helpers for `kp-key` Secrets.
 //! * [`provider`]: the server side of the ocicrypt keyprovider protocol (the
 //!   `keyprotect-keyprovider` binary).
-//! * [`emulator`] (feature `emulator`, default): a local Key Protect + IAM emulator speaking the
-//!   documented HTTP dialect on loopback, with fault injection (also the `kp-emulator` binary).
+//!
+//! The Key Protect emulator used by the tests (and the `kp-emulator` binary) is the separate
+//! `keyprotect-emulator` crate, so that no production binary carries an HTTP server.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keyprotect_client::Error> {
@@ -35,9 +36,6 @@ mod error;
 pub mod provider;
 mod types;
 pub mod wrapper;
-
-#[cfg(feature = "emulator")]
-pub mod emulator;
 
 pub use client::{
     parse_retry_after, Client, ClientOptions, ENV_CA_BUNDLE, HEADER_CORRELATION, HEADER_INSTANCE,

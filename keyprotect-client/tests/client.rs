@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use keyprotect_client::emulator::{Emulator, Fault, Op};
 use keyprotect_client::{
     Client, ClientOptions, CreateKey, Error, KeyProtectConfig, KeyState, ListKeysOptions, Operation,
     TransportKind,
 };
+use keyprotect_emulator::{Emulator, Fault, Op};
 
 fn fast() -> ClientOptions {
     ClientOptions {
@@ -733,7 +733,7 @@ async fn concurrency_cap_bounds_requests_in_flight() {
 
 #[tokio::test]
 async fn emulator_plaintext_limit() {
-    let emu = Emulator::start_with(keyprotect_client::emulator::EmulatorConfig {
+    let emu = Emulator::start_with(keyprotect_emulator::EmulatorConfig {
         max_plaintext_b64: Some(4096),
         ..Default::default()
     })

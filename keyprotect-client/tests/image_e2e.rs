@@ -10,9 +10,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use keyprotect_client::emulator::{Emulator, Op};
 use keyprotect_client::wrapper::KeyProtectBlob;
 use keyprotect_client::{Client, KeyProtectConfig, KeyProtectUnwrapper, KeyProtectWrapper};
+use keyprotect_emulator::{Emulator, Op};
 use ocicrypt_core::image::layout::OciLayout;
 use ocicrypt_core::image::ops::NoProgress;
 use ocicrypt_core::image::{transform_image, LayerSelection, Operation};

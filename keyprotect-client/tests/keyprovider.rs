@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keyprotect_client::emulator::{Emulator, Op};
 use keyprotect_client::wrapper::KeyProtectBlob;
 use keyprotect_client::{Client, KeyProtectUnwrapper, KeyProtectWrapper};
+use keyprotect_emulator::{Emulator, Op};
 use ocicrypt_core::cipher::{LayerKey, MacTag, Nonce};
 use ocicrypt_core::keyprovider::{CommandProvider, KeyProviderConfig, KeyProviderResponse, ENV_CONFIG};
 use ocicrypt_core::keywrap::{error_chain, unwrap_options, wrap_options};

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use keyprotect_client::emulator::{Emulator, EmulatorConfig, Op, TlsIdentity};
 use keyprotect_client::{Client, ClientOptions, Error, TransportKind};
+use keyprotect_emulator::{Emulator, EmulatorConfig, Op, TlsIdentity};
 use testkit::tools::{have_tool, openssl};
 
 fn make_ca_and_server_cert(dir: &Path) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::*;
-use keyprotect_client::emulator::{Emulator, Op};
+use keyprotect_emulator::{Emulator, Op};
 use testkit::kube::KubeStandin;
 
 const WAIT: Duration = Duration::from_secs(30);

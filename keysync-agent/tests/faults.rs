@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::ByteString;
-use keyprotect_client::emulator::{Emulator, Fault, Op};
+use keyprotect_emulator::{Emulator, Fault, Op};
 use testkit::kube::KubeStandin;
 
 const WAIT: Duration = Duration::from_secs(30);

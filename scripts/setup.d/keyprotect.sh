@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Key Protect tests: IBM's Python SDKs (PyPI `keyprotect` + `redstone`) in a venv under
-# target/py-kp, used by keyprotect-client/tests/python_sdk.rs to check the Key Protect emulator
+# target/py-kp, used by keyprotect-emulator/tests/python_sdk.rs to check the Key Protect emulator
 # against clients we did not write. Sourced by scripts/test; safe to run again.
 #
 # Exports IMGCRYPT_KP_PYTHON (the venv's python).

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keyprotect_client::emulator::{Emulator, Op};
 use keyprotect_client::{Client, KeyState};
+use keyprotect_emulator::{Emulator, Op};
 
 fn python() -> Option<PathBuf> {
     let p = match std::env::var_os("IMGCRYPT_KP_PYTHON").filter(|p| !p.is_empty()) {

@@ -5,9 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keyprotect_client::emulator::{Emulator, Fault, Op};
 use keyprotect_client::wrapper::{unwrap_for_secret, wrap_file_for_secret};
 use keyprotect_client::{b64, Client, KeyProtectConfig};
+use keyprotect_emulator::{Emulator, Fault, Op};
 use serde_json::{json, Value};
 
 async fn token(http: &reqwest::Client, base: &str, apikey: &str, path: &str) -> String {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use keyprotect_client::emulator::{Emulator, EmulatorConfig, TlsIdentity};
+use keyprotect_emulator::{Emulator, EmulatorConfig, TlsIdentity};
 
 #[derive(Parser)]
 #[command(

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use super::time::{now_rfc3339, now_unix};
 use super::{record, Fault, KeyRec, Op, RequestRecord, Shared, Version};
-use crate::b64;
+use keyprotect_client::b64;
 
 const ENVELOPE_VERSION: &str = "4.0.0";
 const BODY_LIMIT: usize = 1 << 20;

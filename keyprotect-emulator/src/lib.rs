@@ -20,7 +20,7 @@
 //! synchronous and asynchronous tests alike; dropping the [`Emulator`] stops it.
 //!
 //! ```
-//! use keyprotect_client::emulator::{Emulator, Fault, Op};
+//! use keyprotect_emulator::{Emulator, Fault, Op};
 //! let emu = Emulator::start().unwrap();
 //! let root = emu.create_root_key("image-keys");
 //! emu.inject(Some(Op::Unwrap), Fault::TooManyRequests { retry_after: Some("0".into()) }, 1);
@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
-use crate::types::KeyState;
-use crate::KeyProtectConfig;
+use keyprotect_client::KeyProtectConfig;
+use keyprotect_client::KeyState;
 
 /// An emulated operation (what the request counters and fault filters are keyed by).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
