@@ -583,3 +583,82 @@ async fn keyprovider_binary_prints_no_secret() {
     );
     assert!(stderr.contains("ciphertext in the answer is empty"), "{stderr}");
 }
+
+/// Peak resident memory of a running process (`VmHWM`), in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Item 14 as a whole process: the keyprovider binary wrapping against a Key Protect whose 200
+/// answer never ends exits with an error, its peak RSS bounded (the old client read the whole
+/// 256 MiB the server offered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyprovider_peak_memory_is_bounded_by_an_endless_answer() {
+    let (url, h) = serve(|seen, counter| {
+        if seen.iam {
+            token_ok(3600)
+        } else {
+            endless(StatusCode::OK, "{\"ciphertext\":\"", counter)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kp.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"keyprotect-url": url, "instance-id": INSTANCE, "apikey": APIKEY, "iam-url": url})
+            .to_string(),
+    )
+    .unwrap();
+    let opts = keyprotect_client::b64::encode(b"{\"symkey\":\"x\"}");
+    let root = keyprotect_client::b64::encode(ROOT.as_bytes());
+    let req = format!(
+        r#"{{"op":"keywrap","keywrapparams":{{"ec":{{"Parameters":{{"keyprotect":["{root}"]}}}},"optsdata":"{opts}"}}}}"#
+    );
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("KP_CA_BUNDLE")
+        // anyhow would capture a backtrace and resolve it from the debug info (~120 MiB).
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(req.as_bytes()).await.unwrap();
+    drop(stdin);
+    let t = Instant::now();
+    let mut peak = 0;
+    let status = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            peak = peak.max(kib);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the keyprovider still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let streamed = h.streamed.load(Ordering::Relaxed);
+    eprintln!(
+        "keyprovider vs an endless 200: exit {status}, peak RSS {} MiB, {} MiB streamed, {:?}",
+        peak >> 10,
+        streamed >> 20,
+        t.elapsed()
+    );
+    assert!(!status.success());
+    assert!(peak > 0, "VmHWM was never read");
+    assert!(peak < 64 << 10, "peak RSS {} MiB", peak >> 10);
+    assert!(streamed < 48 << 20, "{} MiB read", streamed >> 20);
+}
