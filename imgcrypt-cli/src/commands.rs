@@ -520,10 +520,14 @@ async fn kp_unwrap(
     let ct = match ciphertext {
         Some(c) => c,
         None => {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .map_err(|e| CliError::usage(format!("cannot read the ciphertext from stdin: {e}")))?;
-            s
+            // On a blocking thread, so SIGINT/SIGTERM are still handled while waiting.
+            let read = tokio::task::spawn_blocking(|| {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+            })
+            .await
+            .map_err(|e| CliError::new(ErrorKind::Failure, format!("stdin reader failed: {e}")))?;
+            read.map_err(|e| CliError::usage(format!("cannot read the ciphertext from stdin: {e}")))?
         }
     };
     let client = schemes::keyprotect_client()?;

@@ -260,8 +260,10 @@ fn credentials_go_only_to_the_registry_and_locations_resolve_where_they_came_fro
     ]);
     let seen_other = other.requests();
     let seen_reg = registry.requests();
-    r.ok();
-    assert!(!seen_other.is_empty(), "the upload went to the second server");
+    assert!(
+        !seen_other.is_empty(),
+        "the upload went to the second server: {r:?}"
+    );
     for q in &seen_other {
         assert_eq!(
             q.header("authorization"),
@@ -281,6 +283,7 @@ fn credentials_go_only_to_the_registry_and_locations_resolve_where_they_came_fro
         seen_reg.iter().all(|q| !q.path.starts_with("/elsewhere")),
         "nothing of the upload went back to the registry: {seen_reg:?}"
     );
+    r.ok();
 }
 
 /// Item 5: an error body and a token body that never end are cut off; the message is short.
