@@ -28,6 +28,8 @@ const AFTER_HELP: &str = "\
 IMAGE REFERENCES:
   oci:PATH[:TAG]                           an OCI image layout directory (created when a destination is missing)
   docker://HOST[:PORT]/REPO[:TAG|@DIGEST]  an image in a registry (OCI distribution API)
+  oci-archive:PATH[:TAG]                   a tar of an OCI image layout
+  docker-archive:PATH[:NAME:TAG]           docker save output (as a destination: unencrypted only)
 
 RECIPIENTS (--recipient, --encryption-key):
   jwe:PUBLIC_KEY_FILE    SPKI/PKCS#1 PEM or DER, public JWK, or an X.509 certificate

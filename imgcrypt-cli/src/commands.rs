@@ -17,6 +17,7 @@ use crate::error::{from_core, CliError, ErrorKind, KeyContext};
 use crate::reference::ImageRef;
 use crate::registry::{RegistryImage, RegistryOptions};
 use crate::{progress, schemes};
+use imgcrypt_registry::archive::{ArchiveDest, ArchiveKind, ArchiveSource};
 
 /// Where a command writes its results.
 pub struct Ctx<'a> {
@@ -103,6 +104,26 @@ pub async fn open_source(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageS
             let opts = registry_options(&reg.host, access)?;
             Ok(Arc::new(RegistryImage::connect(reg.clone(), opts, false).await?))
         }
+        ImageRef::OciArchive { path, tag } => {
+            let (p, t) = (path.clone(), tag.clone());
+            blocking(r, move || ArchiveSource::open_oci(&p, t.as_deref())).await
+        }
+        ImageRef::DockerArchive { path, name } => {
+            let (p, n) = (path.clone(), name.clone());
+            blocking(r, move || ArchiveSource::open_docker(&p, n.as_deref())).await
+        }
+    }
+}
+
+/// Opens an archive (a blocking scan of its members) off the async threads.
+async fn blocking(
+    r: &ImageRef,
+    f: impl FnOnce() -> Result<ArchiveSource, ocicrypt_core::Error> + Send + 'static,
+) -> Result<Arc<dyn ImageSource>, CliError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(s)) => Ok(Arc::new(s)),
+        Ok(Err(e)) => Err(CliError::new(ErrorKind::BadReference, format!("{r}: {e}"))),
+        Err(e) => Err(CliError::new(ErrorKind::Failure, format!("{r}: {e}"))),
     }
 }
 
@@ -119,7 +140,17 @@ async fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, 
             let opts = registry_options(&reg.host, access)?;
             Ok(Arc::new(RegistryImage::connect(reg.clone(), opts, true).await?))
         }
+        ImageRef::OciArchive { path, tag } => archive_dest(r, path, ArchiveKind::Oci { tag: tag.clone() }),
+        ImageRef::DockerArchive { path, name } => {
+            archive_dest(r, path, ArchiveKind::Docker { name: name.clone() })
+        }
     }
+}
+
+fn archive_dest(r: &ImageRef, path: &Path, kind: ArchiveKind) -> Result<Arc<dyn ImageDest>, CliError> {
+    ArchiveDest::create(path, kind)
+        .map(|d| Arc::new(d) as Arc<dyn ImageDest>)
+        .map_err(|e| CliError::new(ErrorKind::BadReference, format!("destination {r}: {e}")))
 }
 
 fn human_size(n: u64) -> String {
@@ -180,6 +211,9 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         let left = match &t.dst {
             ImageRef::Layout { .. } => format!("nothing was written to {}", t.dst),
             ImageRef::Registry(_) => format!("no tag was pushed to {}", t.dst),
+            ImageRef::OciArchive { .. } | ImageRef::DockerArchive { .. } => {
+                format!("nothing was written to {}", t.dst)
+            }
         };
         c.message.push_str(&format!("; {left}"));
         c

@@ -21,6 +21,20 @@ pub enum ImageRef {
     },
     /// An image in a registry.
     Registry(RegistryRef),
+    /// `oci-archive:PATH[:TAG]`: a tar of an OCI image layout.
+    OciArchive {
+        /// The archive file.
+        path: PathBuf,
+        /// The tag in its `index.json`.
+        tag: Option<String>,
+    },
+    /// `docker-archive:PATH[:NAME:TAG]`: `docker save` output.
+    DockerArchive {
+        /// The archive file.
+        path: PathBuf,
+        /// `NAME:TAG` in its `manifest.json` (`RepoTags`).
+        name: Option<String>,
+    },
 }
 
 /// `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]`.
@@ -69,6 +83,12 @@ impl fmt::Display for ImageRef {
             ImageRef::Layout { path, tag: Some(t) } => write!(f, "oci:{}:{t}", path.display()),
             ImageRef::Layout { path, tag: None } => write!(f, "oci:{}", path.display()),
             ImageRef::Registry(r) => write!(f, "{r}"),
+            ImageRef::OciArchive { path, tag: Some(t) } => write!(f, "oci-archive:{}:{t}", path.display()),
+            ImageRef::OciArchive { path, tag: None } => write!(f, "oci-archive:{}", path.display()),
+            ImageRef::DockerArchive { path, name: Some(n) } => {
+                write!(f, "docker-archive:{}:{n}", path.display())
+            }
+            ImageRef::DockerArchive { path, name: None } => write!(f, "docker-archive:{}", path.display()),
         }
     }
 }
@@ -84,7 +104,7 @@ impl fmt::Display for RegistryRef {
 
 fn bad(input: &str, why: &str) -> CliError {
     CliError::new(ErrorKind::BadReference, format!("bad image reference {input:?}: {why}")).hint(
-        "use oci:PATH[:TAG] for an OCI image layout or docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] for a registry",
+        "use oci:PATH[:TAG] for an OCI image layout, docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] for a registry, oci-archive:PATH[:TAG] or docker-archive:PATH[:NAME:TAG] for an archive",
     )
 }
 
@@ -150,6 +170,37 @@ impl ImageRef {
                 tag: tag.map(str::to_owned),
             });
         }
+        for (prefix, docker) in [("oci-archive:", false), ("docker-archive:", true)] {
+            let Some(rest) = input.strip_prefix(prefix) else {
+                continue;
+            };
+            // As containers/image: the path ends at the first ':'.
+            let (path, extra) = match rest.split_once(':') {
+                Some((p, t)) => (p, Some(t)),
+                None => (rest, None),
+            };
+            if path.is_empty() {
+                return Err(bad(input, "the archive path is empty"));
+            }
+            if let Some(t) = extra {
+                if t.is_empty() || t.chars().any(char::is_control) {
+                    return Err(bad(
+                        input,
+                        "the name after the path is empty or has control characters",
+                    ));
+                }
+                if docker && !t.contains(':') {
+                    return Err(bad(input, "docker-archive:PATH:NAME:TAG needs both NAME and TAG"));
+                }
+            }
+            let path = PathBuf::from(path);
+            let extra = extra.map(str::to_owned);
+            return Ok(if docker {
+                ImageRef::DockerArchive { path, name: extra }
+            } else {
+                ImageRef::OciArchive { path, tag: extra }
+            });
+        }
         if let Some(rest) = input.strip_prefix("docker://") {
             return Self::parse_registry(input, rest).map(ImageRef::Registry);
         }
@@ -157,7 +208,9 @@ impl ImageRef {
         let why = match transport {
             "" => "no transport: prefix it with oci: or docker://".to_owned(),
             "docker" => "docker: needs two slashes: docker://HOST/REPO:TAG".to_owned(),
-            t => format!("transport {t:?} is not supported (supported: oci:, docker://)"),
+            t => format!(
+                "transport {t:?} is not supported (supported: oci:, docker://, oci-archive:, docker-archive:)"
+            ),
         };
         Err(bad(input, &why))
     }
