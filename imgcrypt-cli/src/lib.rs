@@ -61,9 +61,21 @@ where
         let mut ctx = commands::Ctx { out, output, tty };
         let r = rt.block_on(async {
             let signalled = interrupt::listen()?;
+            let exec = commands::execute(cfg, &mut ctx);
+            tokio::pin!(exec);
             tokio::select! {
-                r = commands::execute(cfg, &mut ctx) => r,
-                e = signalled => Err(e),
+                r = &mut exec => r,
+                (kind, name) = signalled => {
+                    // A registry upload winds down by itself (so that it can be deleted);
+                    // anything else is dropped at once and aborted.
+                    if interrupt::pending_is_registry() {
+                        if let Ok(Ok(())) = tokio::time::timeout(interrupt::WIND_DOWN, &mut exec).await {
+                            // It had finished: the result is complete, say so.
+                            return Ok(());
+                        }
+                    }
+                    Err(interrupt::finish(kind, name).await)
+                }
             }
         });
         // Blocking threads of an interrupted run are not waited for: what they wrote was

@@ -304,6 +304,8 @@ enum SendFailure {
 }
 
 enum PumpError {
+    /// SIGINT/SIGTERM: stop feeding the body.
+    Cancelled,
     /// The source stream failed (tampered data, a source read error…).
     Source(io::Error),
     /// The request stopped taking the body.
@@ -899,23 +901,40 @@ impl RegistryImage {
         }
         let loc = self.location(&resp).map_err(core)?;
         self.pending_upload(&loc, true);
-        match self.upload_to(&loc, data).await {
+        let mut current = loc;
+        match self.upload_to(&mut current, data).await {
             Ok(r) => {
-                self.pending_upload(&loc, false);
+                self.pending_upload(&current, false);
                 Ok(r)
             }
             Err(e) => {
-                self.delete_upload(&loc).await;
+                self.delete_upload(&current).await;
                 Err(e)
             }
         }
     }
 
+    /// The upload continues at `next` (a registry's `Location` carries its state: the
+    /// docker-registry refuses to delete an upload under a stale one).
+    fn moved_upload(&self, current: &mut String, next: String) {
+        let mut u = self.uploads.lock().expect("uploads lock");
+        for x in u.iter_mut().filter(|x| **x == *current) {
+            x.clone_from(&next);
+        }
+        *current = next;
+    }
+
+    /// Streams `data` to the upload at `current` and commits it; `current` follows the
+    /// registry's `Location`s. When the source fails or the run is interrupted, the body is
+    /// ended cleanly (nothing is committed without the final `PUT`) so that the registry answers
+    /// with the upload's current location, which the caller then deletes.
     async fn upload_to(
         &self,
-        loc: &str,
+        current: &mut String,
         data: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<(String, u64), CoreError> {
+        let loc = current.clone();
+        let loc = loc.as_str();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, io::Error>>(CHUNKS_IN_FLIGHT);
         // When the body last moved (or the stream ended): the upload fails if that is too long ago.
         let activity = Arc::new(Mutex::new(Instant::now()));
@@ -935,13 +954,13 @@ impl RegistryImage {
             let mut hasher = Sha256::new();
             let mut len = 0u64;
             loop {
+                if crate::interrupt::cancelled() {
+                    return Err(PumpError::Cancelled);
+                }
                 let mut buf = vec![0u8; CHUNK];
                 let n = match fill(data, &mut buf).await {
                     Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.send(Err(io::Error::other("the source stream failed"))).await;
-                        return Err(PumpError::Source(e));
-                    }
+                    Err(e) => return Err(PumpError::Source(e)),
                 };
                 if n == 0 {
                     break;
@@ -975,9 +994,24 @@ impl RegistryImage {
             }
         };
         let (pumped, sent) = tokio::join!(pump, request);
+        if matches!(pumped, Err(PumpError::Source(_) | PumpError::Cancelled)) {
+            if let Ok(resp) = &sent {
+                if resp.status().is_success() {
+                    if let Ok(next) = self.location(resp) {
+                        self.moved_upload(current, next);
+                    }
+                }
+            }
+        }
         let (digest, len) = match pumped {
             Ok(x) => x,
             Err(PumpError::Source(e)) => return Err(CoreError::from_stream(e)),
+            Err(PumpError::Cancelled) => {
+                return Err(CoreError::Io(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the blob upload was interrupted",
+                )))
+            }
             Err(PumpError::Closed) => {
                 return Err(match sent {
                     Ok(resp) => core(self.status_error(resp, "uploading a blob").await),
@@ -993,6 +1027,7 @@ impl RegistryImage {
             return Err(core(self.status_error(resp, "uploading a blob").await));
         }
         let next = self.location(&resp).unwrap_or_else(|_| loc.to_owned());
+        self.moved_upload(current, next.clone());
         let mut url = reqwest::Url::parse(&next).map_err(|e| {
             core(RegistryError::Protocol {
                 registry: self.host(),

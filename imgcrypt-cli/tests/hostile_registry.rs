@@ -551,3 +551,56 @@ fn signals_abort_like_an_error() {
         "nothing was tagged"
     );
 }
+
+/// Open uploads of `repo` in a docker-registry's storage, with the bytes each received (a
+/// deleted upload loses its `data`; docker-registry leaves an empty `hashstates` directory).
+fn open_uploads(reg: &testkit::registry::Registry, repo: &str) -> Vec<u64> {
+    let dir = reg
+        .storage()
+        .join("docker/registry/v2/repositories")
+        .join(repo)
+        .join("_uploads");
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::metadata(e.path().join("data")).map(|m| m.len()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Item 7 against Debian's docker-registry: SIGTERM mid-push deletes the open upload (nothing
+/// left in the registry's `_uploads`) and pushes no tag.
+#[test]
+fn sigterm_mid_push_to_docker_registry_deletes_the_upload() {
+    if !have_tool("openssl") || !have_tool("kill") || !have_tool("docker-registry") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    write_image(&src, "v1", &[LayerSpec::random(4 << 20, 10, Compression::None)]);
+    let (_, public) = openssl_keypair(t.path(), "k", "p256");
+    let slow = slow_source_and_sink(&src);
+    let reg = testkit::registry::Registry::start();
+    let dest = reg.image("out:enc");
+    let child = spawn(&[
+        "--tls-verify=false",
+        "encrypt",
+        "--recipient",
+        &format!("jwe:{}", public.display()),
+        &format!("docker://127.0.0.1:{}/r:v1", slow.port),
+        &dest,
+    ]);
+    wait_for("an open layer upload in the registry", || {
+        open_uploads(&reg, "out").iter().any(|&n| n > 64 << 10)
+    });
+    signal(&child, "-TERM");
+    let (code, err) = wait_bounded(child);
+    assert_eq!(code, 143, "{err}");
+    assert_eq!(
+        open_uploads(&reg, "out"),
+        Vec::<u64>::new(),
+        "the upload was deleted: {err}"
+    );
+    imgcrypt(&["--tls-verify=false", "inspect", &dest]).expect_code(7);
+}

@@ -230,6 +230,12 @@ impl Registry {
         }
     }
 
+    /// The registry's storage root (`docker/registry/v2/repositories/REPO/_uploads/` holds
+    /// the open uploads).
+    pub fn storage(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// `docker://127.0.0.1:PORT/<repo>` for skopeo and imgcrypt.
     pub fn image(&self, repo_and_tag: &str) -> String {
         format!("docker://{}/{repo_and_tag}", self.addr)
