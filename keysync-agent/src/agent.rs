@@ -28,14 +28,21 @@ use crate::keydir::{ApplyReport, KeyDir, KeyDirError};
 use crate::kms::{self, KmsConfig, KmsOptions, UnwrapDone};
 use crate::metrics::{Health, Metrics};
 use crate::secrets::{
-    plan, Problem, ProblemReason, SecretKind, SecretRecord, UnwrapState, ValidationCache, CONFIG_SECRET,
+    plan, Problem, ProblemReason, SecretRecord, UnwrapState, ValidationCache, CONFIG_SECRET,
 };
 
-/// Secret types excluded on the server side by default (never keys, and numerous on OpenShift).
-pub const DEFAULT_FIELD_SELECTOR: &str = "type!=kubernetes.io/service-account-token,\
-type!=kubernetes.io/dockercfg,type!=kubernetes.io/dockerconfigjson,type!=kubernetes.io/tls,\
-type!=kubernetes.io/basic-auth,type!=kubernetes.io/ssh-auth,type!=bootstrap.kubernetes.io/token,\
-type!=helm.sh/release.v1";
+/// The Secrets the agent watches, one list/watch each, selected on the server: the only data the
+/// API server ever sends the agent is that of Secrets it acts on (`type: key`, `type: kp-key`, and
+/// the Key Protect config Secret by name). Unrelated Secrets in the namespace, however many and
+/// however large, cost the agent nothing.
+pub const WATCHED: [&str; 3] = ["type=key", "type=kp-key", "metadata.name=keyprotect-config"];
+
+/// The default extra field selector (none): [`WATCHED`] already selects by type and name.
+pub const DEFAULT_FIELD_SELECTOR: &str = "";
+
+/// Objects per list page: with Secrets of up to ~1.5 MiB each (the API server's limit), a page
+/// costs the agent at most ~12 MiB of JSON while it is decoded.
+pub const LIST_PAGE_SIZE: u32 = 8;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -52,8 +59,10 @@ pub struct AgentOptions {
     pub stall_timeout: Duration,
     /// Server-side timeout of each watch request (kube-runtime's default is 290 s).
     pub watch_timeout: Duration,
-    /// Field selector of the list/watch (`None`: every Secret).
+    /// An extra field selector, ANDed with each of the [`WATCHED`] selectors (`None`: none).
     pub field_selector: Option<String>,
+    /// The API server's URL, named in connection errors.
+    pub api_server: String,
     /// Key Protect settings.
     pub kms: KmsOptions,
     /// Post Kubernetes Events about problems.
@@ -78,7 +87,8 @@ impl AgentOptions {
             resync_interval: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(1800),
             watch_timeout: Duration::from_secs(290),
-            field_selector: Some(DEFAULT_FIELD_SELECTOR.to_string()),
+            field_selector: None,
+            api_server: String::new(),
             kms: KmsOptions::default(),
             events: true,
             instance: "keysync-agent".into(),
@@ -127,11 +137,13 @@ pub struct Agent {
 }
 
 /// Removes the agent's subtree from every target directory (the `--cleanup` mode). Directories
-/// not owned by the agent are refused and left alone.
-pub fn cleanup(target_dirs: &[PathBuf]) -> Result<usize, AgentError> {
+/// not owned by the agent are refused and left alone, unless `adopt` (`--adopt-target-dir`) says
+/// to take them over, in which case everything in them goes.
+pub fn cleanup(target_dirs: &[PathBuf], adopt: bool) -> Result<usize, AgentError> {
+    check_dirs(target_dirs)?;
     let mut n = 0;
     for d in target_dirs {
-        let removed = KeyDir::cleanup(d)?;
+        let removed = KeyDir::cleanup(d, adopt)?;
         tracing::info!(target_dir = %d.display(), secrets_removed = removed, "cleaned up");
         n += removed;
     }
@@ -216,8 +228,9 @@ impl Agent {
             metrics: self.metrics,
             health: self.health,
             secrets: BTreeMap::new(),
-            init_buf: None,
+            parts: vec![Part::default(); WATCHED.len()],
             initialized: false,
+            last_watch_error: None,
             reconciled: false,
             unwraps: HashMap::new(),
             attempts: HashMap::new(),
@@ -237,9 +250,13 @@ struct Runner {
     dirs: Arc<Vec<KeyDir>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// The union of `parts`, what planning sees.
     secrets: BTreeMap<String, SecretRecord>,
-    init_buf: Option<BTreeMap<String, SecretRecord>>,
+    /// One per [`WATCHED`] selector: the Secrets that watch has, and its relist in progress.
+    parts: Vec<Part>,
     initialized: bool,
+    /// The last watch error, for the `--once` timeout message.
+    last_watch_error: Option<String>,
     reconciled: bool,
     kms: KmsConfig,
     unwraps: HashMap<String, UnwrapState>,
@@ -254,7 +271,15 @@ struct Runner {
     summary: RunSummary,
 }
 
-type WatchStream = BoxStream<'static, Result<watcher::Event<Secret>, watcher::Error>>;
+type WatchStream = BoxStream<'static, (usize, Result<watcher::Event<Secret>, watcher::Error>)>;
+
+/// The state of one of the [`WATCHED`] list/watches.
+#[derive(Default, Clone)]
+struct Part {
+    secrets: BTreeMap<String, SecretRecord>,
+    init_buf: Option<BTreeMap<String, SecretRecord>>,
+    initialized: bool,
+}
 
 impl Runner {
     fn watch_stream(&self) -> WatchStream {
@@ -262,11 +287,33 @@ impl Runner {
         let secs = u32::try_from(self.opts.watch_timeout.as_secs())
             .unwrap_or(290)
             .clamp(1, 295);
-        let mut cfg = watcher::Config::default().timeout(secs);
-        if let Some(fs) = self.opts.field_selector.as_deref().filter(|f| !f.is_empty()) {
-            cfg = cfg.fields(fs);
-        }
-        watcher(api, cfg).default_backoff().boxed()
+        let extra = self.opts.field_selector.as_deref().filter(|f| !f.is_empty());
+        let streams = WATCHED.iter().enumerate().map(|(i, sel)| {
+            let fields = match extra {
+                Some(x) => format!("{sel},{x}"),
+                None => (*sel).to_string(),
+            };
+            let cfg = watcher::Config::default()
+                .timeout(secs)
+                .fields(&fields)
+                .page_size(LIST_PAGE_SIZE);
+            watcher(api.clone(), cfg)
+                .default_backoff()
+                .map(move |ev| (i, ev))
+                .boxed()
+        });
+        futures::stream::select_all(streams).boxed()
+    }
+
+    fn watch_error(&mut self, e: &watcher::Error) {
+        self.metrics.add(&self.metrics.watch_errors, 1);
+        let msg = format!("{}: {e}", self.opts.api_server);
+        tracing::warn!(
+            api_server = %self.opts.api_server,
+            error = %e,
+            "Secret watch error (retrying with backoff)"
+        );
+        self.last_watch_error = Some(msg);
     }
 
     async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, AgentError> {
@@ -304,17 +351,16 @@ impl Runner {
                 () = &mut once_timer => {
                     tracing::error!(
                         timeout_s = self.opts.once_timeout.as_secs(),
-                        synced = self.initialized,
+                        api_server = %self.opts.api_server,
+                        listed = self.initialized,
+                        last_error = self.last_watch_error.as_deref().unwrap_or(""),
                         "--once did not finish in time; files stay as they are"
                     );
                     break;
                 }
                 ev = stream.next() => match ev {
-                    Some(Ok(ev)) => dirty |= self.on_event(ev),
-                    Some(Err(e)) => {
-                        self.metrics.add(&self.metrics.watch_errors, 1);
-                        tracing::warn!(error = %e, "Secret watch error (retrying with backoff)");
-                    }
+                    Some((i, Ok(ev))) => dirty |= self.on_event(i, ev),
+                    Some((_, Err(e))) => self.watch_error(&e),
                     None => stream = self.watch_stream(),
                 },
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
@@ -330,12 +376,11 @@ impl Runner {
                 }
             }
             // Apply every event that is already there before reconciling once.
-            while let Some(Some(item)) = stream.next().now_or_never() {
+            while let Some(Some((i, item))) = stream.next().now_or_never() {
                 match item {
-                    Ok(ev) => dirty |= self.on_event(ev),
+                    Ok(ev) => dirty |= self.on_event(i, ev),
                     Err(e) => {
-                        self.metrics.add(&self.metrics.watch_errors, 1);
-                        tracing::warn!(error = %e, "Secret watch error (retrying with backoff)");
+                        self.watch_error(&e);
                         break;
                     }
                 }
@@ -380,60 +425,91 @@ impl Runner {
             .min()
     }
 
-    fn on_event(&mut self, ev: watcher::Event<Secret>) -> bool {
+    /// Keeps what the agent needs of a Secret: unrelated Secrets (only with a user's selector
+    /// that lets them through) keep no data, and entries that are refused (too large, not a usable
+    /// key) keep only why.
+    fn record(&mut self, s: Secret) -> SecretRecord {
+        let mut rec = SecretRecord::from_secret(s);
+        rec.drop_refused(&mut self.validation);
+        rec
+    }
+
+    fn on_event(&mut self, part: usize, ev: watcher::Event<Secret>) -> bool {
         // `Init` comes from the watcher itself, before any request: not progress.
         if !matches!(ev, watcher::Event::Init) {
             self.health.progress();
         }
-        let record = |s: Secret| {
-            let mut rec = SecretRecord::from_secret(s);
-            if rec.kind() == SecretKind::Ignored {
-                rec.data.clear();
-            }
-            rec
-        };
-        match ev {
+        let changed = match ev {
             watcher::Event::Init => {
-                self.init_buf = Some(BTreeMap::new());
+                self.parts[part].init_buf = Some(BTreeMap::new());
                 false
             }
             watcher::Event::InitApply(s) => {
                 self.metrics.add(&self.metrics.secrets_seen, 1);
-                let rec = record(s);
-                match self.init_buf.as_mut() {
+                let rec = self.record(s);
+                let p = &mut self.parts[part];
+                match p.init_buf.as_mut() {
                     Some(buf) => {
                         buf.insert(rec.name.clone(), rec);
                     }
                     None => {
-                        self.secrets.insert(rec.name.clone(), rec);
+                        p.secrets.insert(rec.name.clone(), rec);
                     }
                 }
                 false
             }
             watcher::Event::InitDone => {
-                if let Some(buf) = self.init_buf.take() {
-                    self.secrets = buf;
+                let p = &mut self.parts[part];
+                if let Some(buf) = p.init_buf.take() {
+                    p.secrets = buf;
                 }
-                self.metrics.add(&self.metrics.relists, 1);
-                if !self.initialized {
-                    tracing::info!(secrets = self.secrets.len(), "initial list complete");
+                p.initialized = true;
+                if self.parts.iter().all(|p| p.initialized) {
+                    self.metrics.add(&self.metrics.relists, 1);
+                    if !self.initialized {
+                        tracing::info!(
+                            secrets = self.parts.iter().map(|p| p.secrets.len()).sum::<usize>(),
+                            "initial list complete"
+                        );
+                    }
+                    self.initialized = true;
                 }
-                self.initialized = true;
                 true
             }
             watcher::Event::Apply(s) => {
                 self.metrics.add(&self.metrics.secrets_seen, 1);
-                let rec = record(s);
+                let rec = self.record(s);
                 tracing::debug!(secret = %rec.name, kind = rec.kind().label(), "Secret changed");
-                self.secrets.insert(rec.name.clone(), rec);
+                self.parts[part].secrets.insert(rec.name.clone(), rec);
                 true
             }
             watcher::Event::Delete(s) => {
                 let name = s.metadata.name.unwrap_or_default();
                 tracing::debug!(secret = %name, "Secret deleted");
-                self.secrets.remove(&name).is_some()
+                self.parts[part].secrets.remove(&name).is_some()
+            }
+        };
+        if changed {
+            self.merge_parts();
+        }
+        changed
+    }
+
+    /// `secrets` = the union of the parts (a Secret whose type just changed can be in two for a
+    /// moment: the newer version wins).
+    fn merge_parts(&mut self) {
+        let mut all: BTreeMap<String, SecretRecord> = BTreeMap::new();
+        for p in &self.parts {
+            for (name, rec) in &p.secrets {
+                let newer = all.get(name).is_none_or(|old| {
+                    rv_number(&rec.resource_version) > rv_number(&old.resource_version)
+                });
+                if newer {
+                    all.insert(name.clone(), rec.clone());
+                }
             }
         }
+        self.secrets = all;
     }
 
     fn on_unwrap(&mut self, done: UnwrapDone) -> bool {
@@ -635,6 +711,10 @@ impl Runner {
         }
         self.reported = current;
     }
+}
+
+fn rv_number(rv: &Option<String>) -> u64 {
+    rv.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -52,7 +52,8 @@ pub struct Args {
     /// Server-side timeout of each watch request (at most 295s).
     #[arg(long, default_value = "290s", value_parser = parse_duration)]
     pub watch_timeout: Duration,
-    /// Field selector for the Secret list/watch ("" for none).
+    /// Extra field selector, ANDed with the agent's own (it watches `type=key`, `type=kp-key` and
+    /// the Secret `keyprotect-config` only); "" for none.
     #[arg(long, default_value = DEFAULT_FIELD_SELECTOR)]
     pub field_selector: String,
     /// Key Protect unwraps in flight at most.
@@ -165,8 +166,8 @@ impl Args {
     }
 
     /// The Kubernetes client: `--server`, `--kubeconfig`, or the standard inference (in-cluster,
-    /// `KUBECONFIG`, `~/.kube/config`).
-    pub async fn kube_client(&self) -> Result<kube::Client, CliError> {
+    /// `KUBECONFIG`, `~/.kube/config`), and the API server's URL (for messages).
+    pub async fn kube_client(&self) -> Result<(kube::Client, String), CliError> {
         let kerr = |e: &dyn std::fmt::Display| CliError::Kube(e.to_string());
         let mut config = if let Some(server) = &self.server {
             check_loopback_url(server)?;
@@ -180,7 +181,9 @@ impl Args {
             kube::Config::infer().await.map_err(|e| kerr(&e))?
         };
         config.default_namespace = self.namespace.clone();
-        kube::Client::try_from(config).map_err(|e| kerr(&e))
+        let url = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).map_err(|e| kerr(&e))?;
+        Ok((client, url))
     }
 }
 
@@ -204,11 +207,14 @@ fn check_loopback_url(server: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn init_logging(format: &str) {
+/// Logs go to stderr, JSON or text; colour codes only when stderr is a terminal.
+pub fn init_logging(format: &str) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(format != "json" && std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder
@@ -236,17 +242,17 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs the binary with parsed arguments. Exit status: 0 done, 1 error, 2 `--once` finished with
-/// Secrets that could not be synced.
+/// Runs the binary with parsed arguments (logging must be set up: [`init_logging`]). Exit
+/// status: 0 done, 1 error, 2 `--once` finished with Secrets that could not be synced.
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
-    init_logging(&args.log_format);
     if args.cleanup {
-        let n = cleanup(&args.target_dirs)?;
+        let n = cleanup(&args.target_dirs, args.adopt_target_dir)?;
         tracing::info!(secrets_removed = n, "cleanup done");
         return Ok(ExitCode::SUCCESS);
     }
-    let opts = args.agent_options()?;
-    let client = args.kube_client().await?;
+    let mut opts = args.agent_options()?;
+    let (client, url) = args.kube_client().await?;
+    opts.api_server = url;
     let agent = Agent::new(opts, client)?;
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if args.listen != "off" {
@@ -269,13 +275,20 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let summary = agent.run(shutdown_signal()).await?;
     let _ = stop_http.send(());
     if args.once {
-        tracing::info!(
-            files = summary.files,
-            problems = summary.problems.len(),
-            synced = summary.synced,
-            "sync done"
-        );
-        if !summary.synced || summary.write_failures > 0 || !summary.problems.is_empty() {
+        // One condition decides both the summary and the exit status.
+        let complete = summary.synced && summary.write_failures == 0 && summary.problems.is_empty();
+        if complete {
+            tracing::info!(files = summary.files, synced = true, "sync done");
+        } else {
+            tracing::warn!(
+                files = summary.files,
+                problems = summary.problems.len(),
+                write_failures = summary.write_failures,
+                listed = summary.synced,
+                synced = false,
+                exit_status = 2,
+                "sync incomplete"
+            );
             return Ok(ExitCode::from(2));
         }
     }
@@ -311,10 +324,7 @@ mod tests {
         let o = a.agent_options().unwrap();
         assert_eq!(o.namespace, "image-key-synchronizer");
         assert_eq!(o.target_dirs, vec![PathBuf::from("/etc/crio/keys/synced")]);
-        assert!(o
-            .field_selector
-            .unwrap()
-            .contains("type!=kubernetes.io/service-account-token"));
+        assert!(o.field_selector.is_none());
         let a = Args::parse_from([
             "keysync-agent",
             "--target-dir",
@@ -322,10 +332,10 @@ mod tests {
             "--target-dir",
             "/b",
             "--field-selector",
-            "",
+            "metadata.name!=x",
         ]);
         let o = a.agent_options().unwrap();
         assert_eq!(o.target_dirs.len(), 2);
-        assert!(o.field_selector.is_none());
+        assert_eq!(o.field_selector.as_deref(), Some("metadata.name!=x"));
     }
 }

@@ -72,6 +72,19 @@ pub enum KeyDirError {
         /// The target.
         path: PathBuf,
     },
+    /// A directory above the target is (now) a symlink or not a directory: re-opening a replaced
+    /// target never follows it.
+    #[error(
+        "{component} (above target directory {path}) is a symbolic link or not a directory; the agent does not \
+         follow symlinks on the way to its directory: restore the directory, or restart the agent to accept the \
+         new path"
+    )]
+    SymlinkInPath {
+        /// The target.
+        path: PathBuf,
+        /// The component that is a symlink.
+        component: PathBuf,
+    },
     /// The target exists and is not a directory.
     #[error("target directory {path} exists and is not a directory")]
     NotADirectory {
@@ -133,9 +146,70 @@ pub struct ApplyReport {
 #[derive(Debug)]
 pub struct KeyDir {
     path: PathBuf,
+    /// The parent directory, resolved (symlinks included) once when the agent starts; every later
+    /// re-open walks it component by component with `O_NOFOLLOW`.
+    parent: PathBuf,
+    /// The target's own name in `parent`.
+    name: CString,
     /// The open target; re-opened when the path no longer leads to it (deleted or replaced).
     root: std::sync::Mutex<OwnedFd>,
     tmpfile_unsupported: AtomicBool,
+}
+
+/// Opens an absolute directory path without following a symlink in any component.
+fn walk_nofollow(target: &Path, dir: &Path) -> Result<OwnedFd, KeyDirError> {
+    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+    let mut fd = rustix::fs::open("/", flags, Mode::empty()).map_err(|e| io_err("open", "/", e))?;
+    let mut at = PathBuf::from("/");
+    for c in dir.components() {
+        match c {
+            std::path::Component::RootDir => {}
+            std::path::Component::Normal(n) => {
+                at.push(n);
+                let name = CString::new(n.as_encoded_bytes()).map_err(|_| {
+                    io_err("open", &at, std::io::Error::from(std::io::ErrorKind::InvalidInput))
+                })?;
+                fd = match rustix::fs::openat(&fd, &name, flags, Mode::empty()) {
+                    Ok(next) => next,
+                    Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                        return Err(KeyDirError::SymlinkInPath {
+                            path: target.to_path_buf(),
+                            component: at,
+                        })
+                    }
+                    Err(e) => return Err(io_err("open", &at, e)),
+                };
+            }
+            _ => {
+                return Err(io_err(
+                    "open",
+                    dir,
+                    std::io::Error::other("not a normalized absolute path"),
+                ))
+            }
+        }
+    }
+    Ok(fd)
+}
+
+/// The resolved parent and the final name of a target path. With `create`, missing parents are
+/// created first (only when the agent starts).
+fn split_target(path: &Path, create: bool) -> Result<(PathBuf, CString), KeyDirError> {
+    let invalid = || {
+        io_err(
+            "open",
+            path,
+            std::io::Error::other("a target directory must be an absolute path with a final component"),
+        )
+    };
+    let name = path.file_name().ok_or_else(invalid)?;
+    let parent = path.parent().filter(|p| p.is_absolute()).ok_or_else(invalid)?;
+    if create {
+        std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
+    }
+    let parent = std::fs::canonicalize(parent).map_err(|e| io_err("resolve", parent, e))?;
+    let name = CString::new(name.as_encoded_bytes()).map_err(|_| invalid())?;
+    Ok((parent, name))
 }
 
 fn open_dir_nofollow(dirfd: impl AsFd, name: &CStr) -> rustix::io::Result<OwnedFd> {
@@ -219,32 +293,34 @@ enum WriteOutcome {
 impl KeyDir {
     /// Opens (creating it `0700` when missing) a target directory and checks that the agent owns
     /// it: it carries the marker, or it is empty (the marker is then created), or `adopt` is set.
+    /// A directory that is refused is left exactly as it was (mode and entries).
     pub fn open(path: &Path, adopt: bool) -> Result<Self, KeyDirError> {
-        let root = Self::open_root(path, adopt)?;
+        let (parent, name) = split_target(path, true)?;
+        let root = Self::open_root(path, &parent, &name, adopt)?;
         Ok(KeyDir {
             path: path.to_path_buf(),
+            parent,
+            name,
             root: std::sync::Mutex::new(root),
             tmpfile_unsupported: AtomicBool::new(false),
         })
     }
 
-    fn open_root(path: &Path, adopt: bool) -> Result<OwnedFd, KeyDirError> {
-        let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
-        let root = match rustix::fs::open(path, flags, Mode::empty()) {
+    fn open_root(path: &Path, parent: &Path, name: &CStr, adopt: bool) -> Result<OwnedFd, KeyDirError> {
+        let parent_fd = walk_nofollow(path, parent)?;
+        let root = match open_dir_nofollow(&parent_fd, name) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => {
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
-                }
-                match rustix::fs::mkdir(path, Mode::from_raw_mode(DIR_MODE)) {
+                match rustix::fs::mkdirat(&parent_fd, name, Mode::from_raw_mode(DIR_MODE)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(io_err("create", path, e)),
                 }
-                rustix::fs::open(path, flags, Mode::empty()).map_err(|e| io_err("open", path, e))?
+                open_dir_nofollow(&parent_fd, name).map_err(|e| io_err("open", path, e))?
             }
             Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
-                let meta = std::fs::symlink_metadata(path).map_err(|e| io_err("inspect", path, e))?;
-                return Err(if meta.file_type().is_symlink() {
+                let symlink = lstat_type(&parent_fd, name).map_err(|e| io_err("inspect", path, e))?
+                    == Some(FileType::Symlink);
+                return Err(if symlink {
                     KeyDirError::Symlink {
                         path: path.to_path_buf(),
                     }
@@ -256,10 +332,7 @@ impl KeyDir {
             }
             Err(e) => return Err(io_err("open", path, e)),
         };
-        let st = rustix::fs::fstat(&root).map_err(|e| io_err("inspect", path, e))?;
-        if st.st_mode & 0o7777 != DIR_MODE {
-            rustix::fs::fchmod(&root, Mode::from_raw_mode(DIR_MODE)).map_err(|e| io_err("chmod", path, e))?;
-        }
+        // Decide first; change nothing in a directory the agent does not take.
         let entries = list(&root).map_err(|e| io_err("list", path, e))?;
         let marker = cstring(OWNER_MARKER);
         let has_marker = entries.iter().any(|(n, _)| *n == marker);
@@ -272,13 +345,7 @@ impl KeyDir {
                     sample: format!("{OWNER_MARKER} is not a directory"),
                 });
             }
-        } else if entries.is_empty() || adopt {
-            match rustix::fs::mkdirat(&root, &marker, Mode::from_raw_mode(DIR_MODE)) {
-                Ok(()) | Err(Errno::EXIST) => {}
-                Err(e) => return Err(io_err("create", path.join(OWNER_MARKER), e)),
-            }
-            let _ = rustix::fs::fsync(&root);
-        } else {
+        } else if !(entries.is_empty() || adopt) {
             let sample = entries
                 .iter()
                 .take(3)
@@ -290,14 +357,30 @@ impl KeyDir {
                 sample,
             });
         }
+        let st = rustix::fs::fstat(&root).map_err(|e| io_err("inspect", path, e))?;
+        if st.st_mode & 0o7777 != DIR_MODE {
+            rustix::fs::fchmod(&root, Mode::from_raw_mode(DIR_MODE)).map_err(|e| io_err("chmod", path, e))?;
+        }
+        if !has_marker {
+            match rustix::fs::mkdirat(&root, &marker, Mode::from_raw_mode(DIR_MODE)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io_err("create", path.join(OWNER_MARKER), e)),
+            }
+            let _ = rustix::fs::fsync(&root);
+        }
         Ok(root)
     }
 
     /// The open target, re-opened first when `path` no longer leads to it (someone deleted or
-    /// replaced the directory: writing through the old descriptor would be invisible).
+    /// replaced the directory: writing through the old descriptor would be invisible). The way
+    /// there is walked without following symlinks.
     fn current_root(&self) -> Result<std::sync::MutexGuard<'_, OwnedFd>, KeyDirError> {
         let mut root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-        let same = match (rustix::fs::lstat(&self.path), rustix::fs::fstat(&*root)) {
+        let parent_fd = walk_nofollow(&self.path, &self.parent)?;
+        let same = match (
+            rustix::fs::statat(&parent_fd, &self.name, AtFlags::SYMLINK_NOFOLLOW),
+            rustix::fs::fstat(&*root),
+        ) {
             (Ok(a), Ok(b)) => {
                 FileType::from_raw_mode(a.st_mode) == FileType::Directory
                     && a.st_dev == b.st_dev
@@ -307,7 +390,7 @@ impl KeyDir {
         };
         if !same {
             tracing::warn!(target_dir = %self.path.display(), "the target directory was replaced or removed: re-opening it");
-            *root = Self::open_root(&self.path, false)?;
+            *root = Self::open_root(&self.path, &self.parent, &self.name, false)?;
         }
         Ok(root)
     }
@@ -543,14 +626,16 @@ impl KeyDir {
 
     /// Removes the whole subtree (Secret directories, files and the marker) and then the target
     /// directory itself when possible (a mount point stays). Refuses a directory the agent does
-    /// not own. Returns how many top-level entries were removed.
-    pub fn cleanup(path: &Path) -> Result<usize, KeyDirError> {
+    /// not own (leaving it unchanged) unless `adopt`, which takes it over first: then everything in
+    /// it is removed. Returns how many top-level entries were removed.
+    pub fn cleanup(path: &Path, adopt: bool) -> Result<usize, KeyDirError> {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(io_err("inspect", path, e)),
             Ok(_) => {}
         }
-        let root = Self::open_root(path, false)?;
+        let (parent, name) = split_target(path, false)?;
+        let root = Self::open_root(path, &parent, &name, adopt)?;
         let entries = list(&root).map_err(|e| io_err("list", path, e))?;
         let marker = cstring(OWNER_MARKER);
         let mut n = 0;
@@ -561,7 +646,10 @@ impl KeyDir {
         remove_entry(&root, &marker, 0).map_err(|e| io_err("remove", path.join(OWNER_MARKER), e))?;
         let _ = rustix::fs::fsync(&root);
         drop(root);
-        if let Err(e) = std::fs::remove_dir(path) {
+        let removed = walk_nofollow(path, &parent)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|p| rustix::fs::unlinkat(&p, &name, AtFlags::REMOVEDIR).map_err(Into::into));
+        if let Err(e) = removed {
             tracing::info!(target_dir = %path.display(), error = %e, "target directory left in place (emptied)");
         }
         Ok(n)
@@ -742,7 +830,7 @@ mod tests {
         assert!(matches!(err, KeyDirError::NotOwned { .. }), "{err}");
         assert!(err.to_string().contains("admin.pem"));
         assert!(matches!(
-            KeyDir::cleanup(&foreign),
+            KeyDir::cleanup(&foreign, false),
             Err(KeyDirError::NotOwned { .. })
         ));
         assert!(foreign.join("admin.pem").exists());
@@ -754,8 +842,8 @@ mod tests {
         let kd = KeyDir::open(&root, false).unwrap();
         kd.apply(&desired(&[("s1", "a", w(b"1"))]));
         drop(kd);
-        assert_eq!(KeyDir::cleanup(&root).unwrap(), 1);
+        assert_eq!(KeyDir::cleanup(&root, false).unwrap(), 1);
         assert!(!root.exists());
-        assert_eq!(KeyDir::cleanup(&root).unwrap(), 0);
+        assert_eq!(KeyDir::cleanup(&root, false).unwrap(), 0);
     }
 }

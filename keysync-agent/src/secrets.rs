@@ -22,7 +22,11 @@ use zeroize::Zeroizing;
 use crate::decode::{extra_base64_layer, kp_ciphertext, trimmed_text};
 use crate::keydir::{Desired, FileDesired};
 use crate::names::{describe_unsafe, is_safe_file_name, is_safe_secret_name};
-use crate::validate::{validate_key, Rejection};
+use crate::validate::{validate_key, Rejection, MAX_KEY_SIZE};
+
+/// Largest `kp-key` entry kept: a wrapped key is its plaintext's size plus the envelope, base64
+/// encoded (an RSA-16384 PEM wraps to about 19 KiB).
+pub const MAX_KP_ENTRY_SIZE: usize = 2 * MAX_KEY_SIZE;
 
 /// The Secret holding the Key Protect configuration.
 pub const CONFIG_SECRET: &str = "keyprotect-config";
@@ -56,6 +60,9 @@ pub struct SecretRecord {
     pub data: BTreeMap<String, Arc<Zeroizing<Vec<u8>>>>,
     /// The [`ROOT_KEY_ANNOTATION`] value.
     pub root_key_annotation: Option<String>,
+    /// Entries refused when the Secret arrived ([`SecretRecord::drop_refused`]): their data is
+    /// not kept, only why.
+    pub refused: BTreeMap<String, Rejection>,
 }
 
 impl std::fmt::Debug for SecretRecord {
@@ -65,6 +72,7 @@ impl std::fmt::Debug for SecretRecord {
             .field("type", &self.type_)
             .field("resource_version", &self.resource_version)
             .field("data_keys", &self.data.keys().collect::<Vec<_>>())
+            .field("refused", &self.refused.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -95,6 +103,38 @@ impl SecretRecord {
             resource_version: s.metadata.resource_version,
             data,
             root_key_annotation,
+            refused: BTreeMap::new(),
+        }
+    }
+
+    /// Drops what the agent will not use, so memory is bounded by what it keeps: all data of a
+    /// Secret it does not act on; entries larger than a key (or a key's ciphertext) can be; and
+    /// `type: key` entries that are not a usable key. Refused entries are remembered with the
+    /// reason, and reported by [`plan`] as before.
+    pub fn drop_refused(&mut self, validation: &mut ValidationCache) {
+        match self.kind() {
+            SecretKind::Ignored => self.data.clear(),
+            SecretKind::Config => {}
+            kind @ (SecretKind::Key | SecretKind::KpKey) => {
+                let limit = match kind {
+                    SecretKind::Key => MAX_KEY_SIZE,
+                    _ => MAX_KP_ENTRY_SIZE,
+                };
+                let mut refused = Vec::new();
+                for (k, v) in &self.data {
+                    if v.len() > limit {
+                        refused.push((k.clone(), Rejection::TooLarge { size: v.len() }));
+                    } else if kind == SecretKind::Key && is_safe_file_name(k) {
+                        if let Err(r) = validation.check(v, &format!("{}/{k}", self.name)) {
+                            refused.push((k.clone(), r));
+                        }
+                    }
+                }
+                for (k, r) in refused {
+                    self.data.remove(&k);
+                    self.refused.insert(k, r);
+                }
+            }
         }
     }
 
@@ -445,6 +485,24 @@ pub fn plan(
         let files = p.desired.entry(rec.name.clone()).or_default();
         match kind {
             SecretKind::Key => {
+                for (k, r) in &rec.refused {
+                    if !is_safe_file_name(k) {
+                        p.problems.push(Problem {
+                            secret: rec.name.clone(),
+                            entry: Some(k.clone()),
+                            reason: ProblemReason::UnsafeName,
+                            message: format!("data key {} cannot be used as a file name", describe_unsafe(k)),
+                        });
+                        continue;
+                    }
+                    p.problems.push(Problem {
+                        secret: rec.name.clone(),
+                        entry: Some(k.clone()),
+                        reason: ProblemReason::InvalidKey,
+                        message: format!("{}/{k} is {r}; it is not installed", rec.name),
+                    });
+                    files.insert(k.clone(), FileDesired::Keep);
+                }
                 for (k, v) in &rec.data {
                     if !is_safe_file_name(k) {
                         p.problems.push(Problem {
@@ -476,6 +534,29 @@ pub fn plan(
                     ConfigStatus::Valid { default_root_key, .. } => default_root_key.as_deref(),
                     _ => None,
                 };
+                for (k, r) in &rec.refused {
+                    let file = if k == CIPHERTEXT_ENTRY {
+                        format!("{}.pem", rec.name)
+                    } else {
+                        k.clone()
+                    };
+                    if !is_safe_file_name(&file) || !is_safe_file_name(k) {
+                        p.problems.push(Problem {
+                            secret: rec.name.clone(),
+                            entry: Some(k.clone()),
+                            reason: ProblemReason::UnsafeName,
+                            message: format!("data key {} cannot be used as a file name", describe_unsafe(k)),
+                        });
+                        continue;
+                    }
+                    p.problems.push(Problem {
+                        secret: rec.name.clone(),
+                        entry: Some(k.clone()),
+                        reason: ProblemReason::BadValue,
+                        message: format!("{}/{k} is {r}; it is not installed", rec.name),
+                    });
+                    files.insert(file, FileDesired::Keep);
+                }
                 for (k, entry) in kp_entries(rec, default_root) {
                     let entry = match entry {
                         Ok(e) => e,
