@@ -44,6 +44,9 @@ pub const DEFAULT_FIELD_SELECTOR: &str = "";
 /// costs the agent at most ~12 MiB of JSON while it is decoded.
 pub const LIST_PAGE_SIZE: u32 = 8;
 
+/// Default [`AgentOptions::removal_grace`].
+pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(2);
+
 /// How the agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -69,6 +72,12 @@ pub struct AgentOptions {
     pub events: bool,
     /// The Events' `reportingInstance` (the node name).
     pub instance: String,
+    /// The agent's own Pod (in `namespace`): Events about a target directory regard it.
+    pub pod_name: Option<String>,
+    /// How long a Secret's files stay after the Secret disappears, so that deleting and
+    /// re-creating it (`kubectl replace --force`, a Helm upgrade) does not leave the runtime
+    /// without the key in between. Revocation is delayed by at most this much.
+    pub removal_grace: Duration,
     /// Sync once and return instead of watching.
     pub once: bool,
     /// In `once` mode: attempts per unwrap before giving up on a transient failure.
@@ -92,6 +101,8 @@ impl AgentOptions {
             kms: KmsOptions::default(),
             events: true,
             instance: "keysync-agent".into(),
+            pod_name: None,
+            removal_grace: DEFAULT_REMOVAL_GRACE,
             once: false,
             once_max_attempts: 3,
             once_timeout: Duration::from_secs(300),
@@ -216,6 +227,7 @@ impl Agent {
                 self.client.clone(),
                 &self.opts.namespace,
                 &self.opts.instance,
+                self.opts.pod_name.as_deref(),
                 self.metrics.clone(),
             )
         });
@@ -231,6 +243,8 @@ impl Agent {
             parts: vec![Part::default(); WATCHED.len()],
             initialized: false,
             last_watch_error: None,
+            last_desired: BTreeMap::new(),
+            vanished: HashMap::new(),
             reconciled: false,
             unwraps: HashMap::new(),
             attempts: HashMap::new(),
@@ -257,6 +271,11 @@ struct Runner {
     initialized: bool,
     /// The last watch error, for the `--once` timeout message.
     last_watch_error: Option<String>,
+    /// The file names of each Secret directory of the last pass.
+    last_desired: BTreeMap<String, Vec<String>>,
+    /// Secrets gone from the desired state whose files are kept for the removal grace period,
+    /// and since when.
+    vanished: HashMap<String, Instant>,
     reconciled: bool,
     kms: KmsConfig,
     unwraps: HashMap<String, UnwrapState>,
@@ -389,7 +408,7 @@ impl Runner {
                 self.reconcile().await?;
                 dirty = false;
             }
-            if self.reconciled && self.tasks.is_empty() && !self.health.is_ready() {
+            if self.reconciled && self.tasks.is_empty() && !self.health.first_sync_done() {
                 self.health.set_ready();
                 tracing::info!(secrets = self.secrets.len(), "first sync complete");
             }
@@ -415,14 +434,55 @@ impl Runner {
             })
     }
 
+    /// The next time a pass is due without an event: an unwrap retry, or the end of a removal
+    /// grace period.
     fn next_retry(&self) -> Option<Instant> {
+        let grace = self.removal_grace();
         self.unwraps
             .values()
             .filter_map(|s| match s {
                 UnwrapState::Failed { retry_at, .. } => Some(*retry_at),
                 _ => None,
             })
+            .chain(self.vanished.values().map(|since| *since + grace))
             .min()
+    }
+
+    fn removal_grace(&self) -> Duration {
+        if self.opts.once {
+            Duration::ZERO
+        } else {
+            self.opts.removal_grace
+        }
+    }
+
+    /// Keeps the files of Secrets that disappeared less than the removal grace period ago (a
+    /// delete followed by a re-create is not a revocation), and remembers this pass's files.
+    fn hold_vanished(&mut self, desired: &mut crate::keydir::Desired, now: Instant) {
+        let grace = self.removal_grace();
+        let mut held = HashMap::new();
+        for (secret, files) in &self.last_desired {
+            if desired.contains_key(secret) {
+                continue;
+            }
+            let since = self.vanished.get(secret).copied().unwrap_or(now);
+            if now < since + grace {
+                tracing::debug!(secret = %secret, "Secret gone: its files stay for the removal grace period");
+                desired.insert(
+                    secret.clone(),
+                    files
+                        .iter()
+                        .map(|f| (f.clone(), crate::keydir::FileDesired::Keep))
+                        .collect(),
+                );
+                held.insert(secret.clone(), since);
+            }
+        }
+        self.vanished = held;
+        self.last_desired = desired
+            .iter()
+            .map(|(s, f)| (s.clone(), f.keys().cloned().collect()))
+            .collect();
     }
 
     /// Keeps what the agent needs of a Secret: unrelated Secrets (only with a user's selector
@@ -618,7 +678,8 @@ impl Runner {
             .retain(|k, s| matches!(s, UnwrapState::InFlight) || live.contains(k));
         self.attempts.retain(|k, _| live.contains(k));
 
-        let desired = plan.desired;
+        let mut desired = plan.desired;
+        self.hold_vanished(&mut desired, now);
         let dirs = self.dirs.clone();
         let reports: Vec<(PathBuf, ApplyReport)> = tokio::task::spawn_blocking(move || {
             dirs.iter()
@@ -646,12 +707,18 @@ impl Runner {
             }
             for (f, e) in &r.failures {
                 tracing::error!(target_dir = %dir.display(), entry = %f, error = %e, "file operation failed");
+                // An empty `f` is the target directory itself: the Event is then about the node.
                 let secret = f.split('/').next().unwrap_or_default().to_string();
+                let message = if f.is_empty() {
+                    format!("target directory {}: {e}", dir.display())
+                } else {
+                    format!("{}: {f}: {e}", dir.display())
+                };
                 problems.push(Problem {
                     secret,
                     entry: f.split_once('/').map(|(_, e)| e.to_string()),
                     reason: ProblemReason::WriteFailed,
-                    message: format!("{}: {f}: {e}", dir.display()),
+                    message,
                 });
             }
             let m = &self.metrics;
@@ -670,6 +737,7 @@ impl Runner {
             self.metrics.synced_now();
         }
         self.summary.write_failures = failures;
+        self.health.set_write_failures(failures as u64);
         self.metrics
             .set_secrets(plan.kinds.iter().map(|(k, n)| (k.label().to_string(), *n as u64)));
         let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();

@@ -83,6 +83,15 @@ pub struct Args {
     /// Node name, reported in Events (set from the downward API).
     #[arg(long, env = "NODE_NAME", default_value = "keysync-agent")]
     pub node_name: String,
+    /// The agent's Pod name (from the downward API): Events about the target directory regard
+    /// this Pod (else the Node).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// How long a deleted Secret's files stay before they are removed, so that deleting and
+    /// re-creating a Secret does not leave the node without the key; revocation is delayed by at
+    /// most this much.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub removal_grace: Duration,
     /// Kubeconfig file (default: in-cluster config, else KUBECONFIG, else ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -160,6 +169,13 @@ impl Args {
         };
         o.events = !self.no_events;
         o.instance = self.node_name.clone();
+        o.pod_name = self.pod_name.clone().filter(|p| !p.is_empty());
+        if self.removal_grace > Duration::from_secs(60) {
+            return Err(CliError::Usage(
+                "--removal-grace is at most 60s (it delays revocation)".into(),
+            ));
+        }
+        o.removal_grace = self.removal_grace;
         o.once = self.once;
         o.once_timeout = self.once_timeout;
         Ok(o)

@@ -25,14 +25,22 @@ const QUEUE: usize = 512;
 pub struct EventSink {
     namespace: String,
     instance: String,
+    pod: Option<String>,
     metrics: Arc<Metrics>,
     tx: Option<tokio::sync::mpsc::Sender<Event>>,
     worker: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl EventSink {
-    /// Events go to `namespace`; `instance` is the node name (or pod name).
-    pub fn new(client: kube::Client, namespace: &str, instance: &str, metrics: Arc<Metrics>) -> Self {
+    /// Events go to `namespace`; `instance` is the node name; `pod` the agent's own Pod (in
+    /// `namespace`), which Events about the target directory regard.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        instance: &str,
+        pod: Option<&str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let api: Api<Event> = Api::namespaced(client, namespace);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
         let m = metrics.clone();
@@ -48,6 +56,7 @@ impl EventSink {
         EventSink {
             namespace: namespace.to_string(),
             instance: instance.to_string(),
+            pod: pod.filter(|p| !p.is_empty()).map(str::to_string),
             metrics,
             tx: Some(tx),
             worker: Some(worker),
@@ -82,7 +91,15 @@ impl EventSink {
             note.truncate(cut);
             note.push_str("...");
         }
-        let base = event_name_base(&problem.secret);
+        // A problem with no Secret is about the node's target directory: the Event regards the
+        // agent's own Pod (in this namespace), or, when its name is unknown, the Node; never an
+        // object without a name.
+        let about_dir = problem.secret.is_empty();
+        let base = if about_dir {
+            event_name_base(self.pod.as_deref().unwrap_or(&self.instance))
+        } else {
+            event_name_base(&problem.secret)
+        };
         Event {
             metadata: ObjectMeta {
                 name: Some(format!(
@@ -100,14 +117,32 @@ impl EventSink {
             event_time: Some(MicroTime(time)),
             reporting_controller: Some(REPORTING_CONTROLLER.into()),
             reporting_instance: Some(self.instance.clone()),
-            regarding: Some(ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Secret".into()),
-                name: Some(problem.secret.clone()),
-                namespace: Some(self.namespace.clone()),
-                uid: rec.and_then(|r| r.uid.clone()),
-                resource_version: rec.and_then(|r| r.resource_version.clone()),
-                field_path: problem.entry.as_ref().map(|e| format!("data[{e}]")),
+            regarding: Some(if about_dir {
+                match &self.pod {
+                    Some(pod) => ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: Some(pod.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        ..ObjectReference::default()
+                    },
+                    None => ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Node".into()),
+                        name: Some(self.instance.clone()),
+                        ..ObjectReference::default()
+                    },
+                }
+            } else {
+                ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Secret".into()),
+                    name: Some(problem.secret.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    uid: rec.and_then(|r| r.uid.clone()),
+                    resource_version: rec.and_then(|r| r.resource_version.clone()),
+                    field_path: problem.entry.as_ref().map(|e| format!("data[{e}]")),
+                }
             }),
             ..Event::default()
         }

@@ -2,7 +2,9 @@
 //!
 //! * `/healthz`: 200 while the watch made progress (an event or a relist) within the stall
 //!   timeout, 503 otherwise, so a silently stalled watch fails the liveness probe.
-//! * `/readyz`: 200 once the first full sync finished (every Secret attempted once).
+//! * `/readyz`: 200 once the first full sync finished (every Secret attempted once), and 503 again
+//!   while the last pass could not write or remove files (a read-only or full target filesystem:
+//!   a revoked key may still be on disk).
 //! * `/metrics`: Prometheus text format.
 
 use std::collections::BTreeMap;
@@ -24,6 +26,7 @@ pub struct Health {
     start: Instant,
     last_progress_ms: AtomicU64,
     ready: AtomicBool,
+    write_failures: AtomicU64,
     stall_timeout: Duration,
 }
 
@@ -34,6 +37,7 @@ impl Health {
             start: Instant::now(),
             last_progress_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            write_failures: AtomicU64::new(0),
             stall_timeout,
         }
     }
@@ -53,8 +57,24 @@ impl Health {
     }
 
     /// Whether the first full sync is done.
-    pub fn is_ready(&self) -> bool {
+    pub fn first_sync_done(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Records how many file operations failed in the last pass.
+    pub fn set_write_failures(&self, n: u64) {
+        self.write_failures.store(n, Ordering::Relaxed);
+    }
+
+    /// File operations that failed in the last pass.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// Ready: the first full sync is done and the last pass wrote and removed everything it had
+    /// to.
+    pub fn is_ready(&self) -> bool {
+        self.first_sync_done() && self.write_failures() == 0
     }
 
     /// Time since the last progress.
@@ -240,6 +260,13 @@ impl Metrics {
             u64::from(health.is_ready()),
         );
         counter(
+            "keysync_write_failures_last_pass",
+            "File operations (writes, removals of revoked keys) that failed in the last pass; /readyz fails while \
+             this is not 0.",
+            "gauge",
+            health.write_failures(),
+        );
+        counter(
             "keysync_seconds_since_watch_progress",
             "Seconds since the Secret watch last made progress.",
             "gauge",
@@ -313,10 +340,19 @@ async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n")
+    if !s.health.first_sync_done() {
+        (StatusCode::SERVICE_UNAVAILABLE, "first sync not finished\n".to_string())
+    } else if s.health.write_failures() > 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} file operations failed in the last pass (read-only or full target filesystem?): keys may be \
+                 missing or revoked keys still present\n",
+                s.health.write_failures()
+            ),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "first sync not finished\n")
+        (StatusCode::OK, "ready\n".to_string())
     }
 }
 
