@@ -167,7 +167,11 @@ fn walk_nofollow(target: &Path, dir: &Path) -> Result<OwnedFd, KeyDirError> {
             std::path::Component::Normal(n) => {
                 at.push(n);
                 let name = CString::new(n.as_encoded_bytes()).map_err(|_| {
-                    io_err("open", &at, std::io::Error::from(std::io::ErrorKind::InvalidInput))
+                    io_err(
+                        "open",
+                        &at,
+                        std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                    )
                 })?;
                 fd = match rustix::fs::openat(&fd, &name, flags, Mode::empty()) {
                     Ok(next) => next,
@@ -845,5 +849,60 @@ mod tests {
         assert_eq!(KeyDir::cleanup(&root, false).unwrap(), 1);
         assert!(!root.exists());
         assert_eq!(KeyDir::cleanup(&root, false).unwrap(), 0);
+    }
+
+    /// Issue 14 item 6: a directory the agent refuses is left exactly as it was (mode and files),
+    /// also by `--cleanup`; `--cleanup --adopt-target-dir` takes it over and empties it.
+    #[test]
+    fn a_refused_directory_is_not_changed_and_cleanup_can_adopt() {
+        let t = tempfile::tempdir().unwrap();
+        let foreign = t.path().join("keys");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(foreign.join("admin.pem"), b"hand placed").unwrap();
+        let mode = || std::fs::metadata(&foreign).unwrap().permissions().mode() & 0o7777;
+        assert!(matches!(
+            KeyDir::open(&foreign, false),
+            Err(KeyDirError::NotOwned { .. })
+        ));
+        assert_eq!(mode(), 0o755);
+        assert!(matches!(
+            KeyDir::cleanup(&foreign, false),
+            Err(KeyDirError::NotOwned { .. })
+        ));
+        assert_eq!(mode(), 0o755);
+        let names: Vec<_> = std::fs::read_dir(&foreign)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("admin.pem")]);
+        assert_eq!(KeyDir::cleanup(&foreign, true).unwrap(), 1);
+        assert!(!foreign.exists());
+    }
+
+    /// Issue 15 item 3: when the target is replaced, the way to it is walked without following
+    /// symlinks: a parent turned into a symlink is refused, nothing is written through it.
+    #[test]
+    fn reopening_never_follows_a_symlink_in_a_parent() {
+        let t = tempfile::tempdir().unwrap();
+        let parent = t.path().join("crio");
+        let root = parent.join("synced");
+        let kd = KeyDir::open(&root, false).unwrap();
+        kd.apply(&desired(&[("s1", "a", w(b"1"))]));
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::rename(&parent, t.path().join("crio-old")).unwrap();
+        symlink(&elsewhere, &parent).unwrap();
+        let r = kd.apply(&desired(&[("s1", "a", w(b"2"))]));
+        assert_eq!(r.failures.len(), 1, "{r:?}");
+        assert!(r.failures[0].1.contains("symbolic link"), "{r:?}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        // The directory restored: re-opened and written again.
+        std::fs::remove_file(&parent).unwrap();
+        std::fs::rename(t.path().join("crio-old"), &parent).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        let r = kd.apply(&desired(&[("s1", "a", w(b"2"))]));
+        assert!(r.failures.is_empty(), "{r:?}");
+        assert_eq!(std::fs::read(root.join("s1/a")).unwrap(), b"2");
     }
 }

@@ -341,7 +341,10 @@ async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     if !s.health.first_sync_done() {
-        (StatusCode::SERVICE_UNAVAILABLE, "first sync not finished\n".to_string())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "first sync not finished\n".to_string(),
+        )
     } else if s.health.write_failures() > 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
