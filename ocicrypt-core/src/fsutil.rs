@@ -16,6 +16,18 @@ pub fn write_atomic<T, F>(dest: &Path, fill: F) -> Result<T, Error>
 where
     F: FnOnce(&mut File) -> Result<T, Error>,
 {
+    write_atomic_mode(dest, 0o600, fill)
+}
+
+/// As [`write_atomic`], creating the file with `mode` less the process umask (0o666 gives what
+/// `cp` and skopeo give: 0644 under umask 022). [`write_atomic`] uses 0600.
+///
+/// # Errors
+/// As [`write_atomic`].
+pub fn write_atomic_mode<T, F>(dest: &Path, mode: u32, fill: F) -> Result<T, Error>
+where
+    F: FnOnce(&mut File) -> Result<T, Error>,
+{
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -27,6 +39,7 @@ where
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
         .tempfile_in(dir)?;
     let out = fill(tmp.as_file_mut())?;
     tmp.as_file_mut().flush()?;
@@ -42,6 +55,15 @@ where
 /// [`Error::Io`].
 pub fn write_bytes_atomic(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
     write_atomic(dest, |f| f.write_all(bytes).map_err(Error::Io))
+}
+
+/// Writes `bytes` to `dest` atomically, readable by others as the umask allows (0644 under
+/// umask 022): for image layouts, which other users and tools read.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn write_bytes_shared(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_atomic_mode(dest, 0o666, |f| f.write_all(bytes).map_err(Error::Io))
 }
 
 /// Syncs a directory so a rename in it is durable. Best effort: some filesystems refuse.

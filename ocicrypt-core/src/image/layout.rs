@@ -36,6 +36,9 @@ const OCI_LAYOUT_CONTENT: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
 /// Largest `index.json`, manifest, index or config read into memory.
 pub const MAX_SMALL: u64 = 32 << 20;
 
+/// Prefix of the temporary files blobs are written to (`.tmp-PID-RANDOM`).
+const TMP_PREFIX: &str = ".tmp-";
+
 /// An OCI image layout directory, optionally with the tag an operation reads or writes.
 #[derive(Debug)]
 pub struct OciLayout {
@@ -90,17 +93,47 @@ impl OciLayout {
         if empty {
             fs::create_dir_all(&root)?;
             crate::fsutil::real_dirs_beneath(&root, &["blobs", "sha256"], true)?;
-            crate::fsutil::write_bytes_atomic(&root.join("oci-layout"), OCI_LAYOUT_CONTENT.as_bytes())?;
-            crate::fsutil::write_bytes_atomic(
+            crate::fsutil::write_bytes_shared(&root.join("oci-layout"), OCI_LAYOUT_CONTENT.as_bytes())?;
+            crate::fsutil::write_bytes_shared(
                 &root.join("index.json"),
                 br#"{"schemaVersion":2,"manifests":[]}"#,
             )?;
         }
         let layout = Self::open(root, tag)?;
+        if !empty {
+            layout.remove_stale_temporaries();
+        }
         if empty {
             *layout.skeleton.lock().expect("lock") = Some(!existed);
         }
         Ok(layout)
+    }
+
+    /// Removes `blobs/sha256/.tmp-PID-*` files whose writer (PID) is no longer running: what a
+    /// run killed with SIGKILL leaves. Best effort; a running writer's files are kept.
+    pub fn remove_stale_temporaries(&self) {
+        let dir = self.root.join("blobs").join("sha256");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TMP_PREFIX)) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let alive = pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+            if !alive && e.file_type().is_ok_and(|t| t.is_file()) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => tracing::debug!("removed stale temporary {}", e.path().display()),
+                    Err(err) => {
+                        tracing::debug!("cannot remove stale temporary {}: {err}", e.path().display())
+                    }
+                }
+            }
+        }
     }
 
     fn new(root: PathBuf, tag: Option<&str>) -> Self {
@@ -301,7 +334,7 @@ impl OciLayout {
         manifests.push(entry);
         index.set_manifests(manifests);
         let bytes = canonical_json(&index)?;
-        crate::fsutil::write_bytes_atomic(&self.root.join("index.json"), &bytes)
+        crate::fsutil::write_bytes_shared(&self.root.join("index.json"), &bytes)
     }
 
     /// Writes a small blob (manifest, config) from memory.
@@ -314,7 +347,7 @@ impl OciLayout {
         if !self.blob_verifies(&digest, Some(bytes.len() as u64)) {
             let existed = fs::symlink_metadata(&path).is_ok();
             self.blob_dir("sha256")?;
-            crate::fsutil::write_bytes_atomic(&path, bytes)?;
+            crate::fsutil::write_bytes_shared(&path, bytes)?;
             if !existed {
                 self.created.lock().expect("lock").push(path);
             }
@@ -488,7 +521,12 @@ impl ImageDest for OciLayout {
     ) -> BoxFuture<'a, Result<(String, u64), Error>> {
         Box::pin(async move {
             let dir = self.blob_dir("sha256")?;
-            let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
+            // Named with our pid, so a later write can tell a temporary left by a killed run from
+            // one a running writer owns; created 0666 less the umask, as skopeo's blobs are.
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                .tempfile_in(&dir)?;
             let tmp_path = tmp.path().to_owned();
             self.temps.lock().expect("lock").push(tmp_path.clone());
             let forget_tmp = || self.temps.lock().expect("lock").retain(|p| p != &tmp_path);
