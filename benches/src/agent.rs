@@ -83,7 +83,7 @@ pub struct Results {
     pub kp_unwraps_after_relist: u64,
 }
 
-fn key_secret(name: &str, entries: &[(&str, &[u8])], ty: &str) -> Secret {
+pub(crate) fn key_secret(name: &str, entries: &[(&str, &[u8])], ty: &str) -> Secret {
     let mut s = Secret::default();
     s.metadata.name = Some(name.into());
     s.metadata.namespace = Some(NS.into());
@@ -98,7 +98,7 @@ fn key_secret(name: &str, entries: &[(&str, &[u8])], ty: &str) -> Secret {
 }
 
 /// Waits until `cond` holds, polling every `every`; fails naming `what` after `timeout`.
-fn wait_until(
+pub(crate) fn wait_until(
     what: &str,
     timeout: Duration,
     every: Duration,
@@ -116,7 +116,7 @@ fn wait_until(
     }
 }
 
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
+pub(crate) fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmHWM:"))
@@ -132,15 +132,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-struct AgentProcess {
-    child: Child,
+pub(crate) struct AgentProcess {
+    pub(crate) child: Child,
 }
 
 impl AgentProcess {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
