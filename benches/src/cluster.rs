@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keyprotect_client::emulator::{Emulator, Fault, Op};
+use keyprotect_emulator::{Emulator, Fault, Op};
 use testkit::kube::KubeStandin;
 
 use crate::agent::{key_secret, vm_hwm_kib, wait_until, AgentBenchError, AgentProcess, NS};
