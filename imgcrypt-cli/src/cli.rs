@@ -50,10 +50,11 @@ pub struct Cli {
     /// No progress bars and no summary.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// Layers processed at once.
-    #[arg(long, global = true, default_value_t = 4, value_name = "N")]
-    pub concurrency: usize,
-    /// Registry access.
+    /// Layers processed at once (default 4).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Registry access (also accepted after the image commands: encrypt, decrypt, recipients,
+    /// inspect, check; there, the last one given wins).
     #[command(flatten)]
     pub transport: TransportArgs,
     /// The command.
@@ -83,55 +84,64 @@ fn after_help() -> String {
 }
 
 /// Registry access options (skopeo's names).
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 pub struct TransportArgs {
     /// Registry credentials USER:PASSWORD for source and destination.
-    #[arg(long, global = true, value_name = "USER:PASSWORD")]
+    #[arg(long, value_name = "USER:PASSWORD")]
     pub creds: Option<String>,
     /// Credentials for the source registry.
-    #[arg(long, global = true, value_name = "USER:PASSWORD")]
+    #[arg(long, value_name = "USER:PASSWORD")]
     pub src_creds: Option<String>,
     /// Credentials for the destination registry.
-    #[arg(
-        long = "dest-creds",
-        global = true,
-        value_name = "USER:PASSWORD",
-        alias = "dst-creds"
-    )]
+    #[arg(long = "dest-creds", value_name = "USER:PASSWORD", alias = "dst-creds")]
     pub dst_creds: Option<String>,
     /// Verify the registry's TLS certificate (false: HTTPS without verification, plain HTTP if
     /// the registry does not speak TLS).
-    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tls_verify: Option<bool>,
     /// As --tls-verify, for the source.
-    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub src_tls_verify: Option<bool>,
     /// As --tls-verify, for the destination.
-    #[arg(long = "dest-tls-verify", alias = "dst-tls-verify", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long = "dest-tls-verify", alias = "dst-tls-verify", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub dst_tls_verify: Option<bool>,
     /// Certificates for the registries (*.crt CAs, NAME.cert + NAME.key client certificate),
     /// instead of /etc/containers/certs.d/HOST[:PORT] and the other certs.d directories.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, value_name = "DIR")]
     pub cert_dir: Option<PathBuf>,
     /// As --cert-dir, for the source.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, value_name = "DIR")]
     pub src_cert_dir: Option<PathBuf>,
     /// As --cert-dir, for the destination.
-    #[arg(
-        long = "dest-cert-dir",
-        alias = "dst-cert-dir",
-        global = true,
-        value_name = "DIR"
-    )]
+    #[arg(long = "dest-cert-dir", alias = "dst-cert-dir", value_name = "DIR")]
     pub dst_cert_dir: Option<PathBuf>,
     /// A containers-auth.json file with credentials (default: $REGISTRY_AUTH_FILE,
     /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pub authfile: Option<PathBuf>,
     /// Fail a registry request whose answer does not start, or a transfer that moves less
     /// than 1 KiB, within this many seconds (default 60).
-    #[arg(long, global = true, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS")]
     pub stall_timeout: Option<f64>,
+}
+
+impl TransportArgs {
+    /// These options, with each one given in `sub` (after the subcommand) taking precedence.
+    pub fn merged(&self, sub: &TransportArgs) -> TransportArgs {
+        TransportArgs {
+            creds: sub.creds.clone().or_else(|| self.creds.clone()),
+            src_creds: sub.src_creds.clone().or_else(|| self.src_creds.clone()),
+            dst_creds: sub.dst_creds.clone().or_else(|| self.dst_creds.clone()),
+            tls_verify: sub.tls_verify.or(self.tls_verify),
+            src_tls_verify: sub.src_tls_verify.or(self.src_tls_verify),
+            dst_tls_verify: sub.dst_tls_verify.or(self.dst_tls_verify),
+            cert_dir: sub.cert_dir.clone().or_else(|| self.cert_dir.clone()),
+            src_cert_dir: sub.src_cert_dir.clone().or_else(|| self.src_cert_dir.clone()),
+            dst_cert_dir: sub.dst_cert_dir.clone().or_else(|| self.dst_cert_dir.clone()),
+            authfile: sub.authfile.clone().or_else(|| self.authfile.clone()),
+            stall_timeout: sub.stall_timeout.or(self.stall_timeout),
+        }
+    }
 }
 
 /// The commands.
@@ -190,6 +200,12 @@ pub struct KeyArgs {
 /// `encrypt`.
 #[derive(Debug, Args)]
 pub struct EncryptArgs {
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// Layers processed at once (default 4).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
     /// A recipient: jwe:PUBLIC_KEY_FILE or provider:NAME[:PARAM] (repeat for several).
     #[arg(
         long = "recipient",
@@ -210,6 +226,12 @@ pub struct EncryptArgs {
 /// `decrypt`.
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// Layers processed at once (default 4).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
     /// Private keys.
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -236,6 +258,12 @@ pub enum RecipientsCommand {
 /// Arguments of `recipients add|remove`.
 #[derive(Debug, Args)]
 pub struct RecipientsArgs {
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// Layers processed at once (default 4).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
     /// Private keys.
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -259,6 +287,9 @@ pub struct RecipientsArgs {
 /// `inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// The image.
     pub image: String,
 }
@@ -266,6 +297,9 @@ pub struct InspectArgs {
 /// `check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Private keys.
     #[command(flatten)]
     pub keys: KeyArgs,

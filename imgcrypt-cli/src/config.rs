@@ -309,22 +309,29 @@ impl Config {
             json: cli.json,
             quiet: cli.quiet,
         };
-        if cli.concurrency == 0 || cli.concurrency > 64 {
-            return Err(CliError::usage("--concurrency must be between 1 and 64"));
-        }
-        let t = &cli.transport;
-        let transform =
-            |src: &str, dst: &str, op: OpSpec, sel: &cli::SelectionArgs| -> Result<Config, CliError> {
-                Ok(Config::Transform(Box::new(Transform {
-                    src: ImageRef::parse(src)?,
-                    dst: destination(dst)?,
-                    src_access: access(t, true)?,
-                    dst_access: access(t, false)?,
-                    op,
-                    selection: selection(sel)?,
-                    concurrency: cli.concurrency,
-                })))
-            };
+        let top = &cli.transport;
+        let transform = |src: &str,
+                         dst: &str,
+                         op: OpSpec,
+                         sel: &cli::SelectionArgs,
+                         sub: &cli::TransportArgs,
+                         conc: Option<usize>|
+         -> Result<Config, CliError> {
+            let t = top.merged(sub);
+            let concurrency = conc.or(cli.concurrency).unwrap_or(4);
+            if concurrency == 0 || concurrency > 64 {
+                return Err(CliError::usage("--concurrency must be between 1 and 64"));
+            }
+            Ok(Config::Transform(Box::new(Transform {
+                src: ImageRef::parse(src)?,
+                dst: destination(dst)?,
+                src_access: access(&t, true)?,
+                dst_access: access(&t, false)?,
+                op,
+                selection: selection(sel)?,
+                concurrency,
+            })))
+        };
         let cfg = match &cli.command {
             Command::Encrypt(a) => transform(
                 &a.src,
@@ -333,11 +340,20 @@ impl Config {
                     recipients: recipients(&a.recipients)?,
                 },
                 &a.selection,
+                &a.transport,
+                a.concurrency,
             )?,
             Command::Decrypt(a) => {
                 let k = keys(&a.keys)?;
                 require_keys(&k, "decrypt")?;
-                transform(&a.src, &a.dst, OpSpec::Decrypt { keys: k }, &a.selection)?
+                transform(
+                    &a.src,
+                    &a.dst,
+                    OpSpec::Decrypt { keys: k },
+                    &a.selection,
+                    &a.transport,
+                    a.concurrency,
+                )?
             }
             Command::Recipients(rc) => {
                 let (a, add) = match rc {
@@ -366,11 +382,11 @@ impl Config {
                     }
                 };
                 let dst = a.dst.as_deref().unwrap_or(&a.image);
-                transform(&a.image, dst, op, &a.selection)?
+                transform(&a.image, dst, op, &a.selection, &a.transport, a.concurrency)?
             }
             Command::Inspect(a) => Config::Inspect {
                 image: ImageRef::parse(&a.image)?,
-                access: access(t, true)?,
+                access: access(&top.merged(&a.transport), true)?,
             },
             Command::Check(a) => {
                 let k = keys(&a.keys)?;
@@ -381,7 +397,7 @@ impl Config {
                 })?;
                 Config::Check {
                     image: ImageRef::parse(&a.image)?,
-                    access: access(t, true)?,
+                    access: access(&top.merged(&a.transport), true)?,
                     keys: k,
                     platforms: a.platforms.clone(),
                 }
