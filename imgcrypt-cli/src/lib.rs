@@ -5,7 +5,8 @@
 //! skopeo and containerd's imgcrypt. The logic is in `ocicrypt-core`; this crate parses
 //! arguments ([`cli`]) into a validated [`config::Config`], runs it ([`commands`]) and maps
 //! errors to messages and exit codes ([`error`]). It also holds the registry client
-//! ([`registry`]), which streams blobs in both directions.
+//! ([`registry`]), which streams blobs in both directions, and the process side of the
+//! containerd decoder `imgcrypt-decoder` ([`decoder`]).
 #![warn(missing_docs)]
 
 use std::ffi::OsString;
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod decoder;
 pub mod demo;
 pub mod error;
 pub mod interrupt;

@@ -25,9 +25,12 @@ pub enum Error {
         /// Actual length.
         got: usize,
     },
-    /// Neither public nor private options carry a nonce.
+    /// The private options carry no nonce.
     #[error("the layer options carry no nonce; refusing to decrypt (Go ocicrypt would produce garbage)")]
     MissingNonce,
+    /// The public (unauthenticated) options carry a nonce that differs from the private one.
+    #[error("the public layer options (pubopts annotation) carry a nonce that differs from the one in the wrapped private options: the image was tampered with; refusing to decrypt")]
+    ConflictingNonce,
     /// Public options carry no HMAC.
     #[error("HMAC is not provided for decryption")]
     MissingHmac,
@@ -97,6 +100,14 @@ pub enum Error {
     NoKeyForScheme {
         /// The schemes present on the layer.
         schemes: Vec<String>,
+    },
+    /// A `keys.<scheme>` annotation holds more entries than [`crate::keywrap::MAX_KEY_ENTRIES`].
+    #[error("the org.opencontainers.image.enc.keys.{scheme} annotation holds {count} wrapped-key entries, above the limit of {}: no image needs that many, refusing to try them", crate::keywrap::MAX_KEY_ENTRIES)]
+    TooManyKeyEntries {
+        /// The scheme (sanitized).
+        scheme: String,
+        /// Entries found.
+        count: usize,
     },
     /// Keys were tried and none could unwrap the layer key.
     #[error("none of the given keys can decrypt this layer (tried: {})", attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]

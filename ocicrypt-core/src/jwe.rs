@@ -68,6 +68,19 @@ use crate::keywrap::{KeyUnwrapper, KeyWrapper, UnwrapError, WrapError};
 /// The annotation scheme name.
 pub const SCHEME: &str = "jwe";
 
+/// Recipients accepted in one JWE. ocicrypt writes one per `--recipient`; real images carry a
+/// handful. Each recipient costs a private-key operation per key that fits it, so a JWE with
+/// more is refused when it is parsed, before any key is tried.
+pub const MAX_RECIPIENTS: usize = 256;
+
+/// Bytes accepted in one JWE (one comma entry of the annotation). 256 recipients with EC
+/// ephemeral keys take about 200 KiB.
+pub const MAX_JWE_LEN: usize = 1024 * 1024;
+
+/// Bytes accepted in a protected header (decoded JSON). ocicrypt's largest, with an EC `epk`
+/// and a `kid`, is under 400 bytes.
+pub const MAX_HEADER_LEN: usize = 16 * 1024;
+
 /// A JWE key-management algorithm ocicrypt uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyAlg {
@@ -487,6 +500,8 @@ impl KeyWrapper for JweWrapper {
 /// Unwraps JWE blobs with a set of private keys.
 pub struct JweUnwrapper {
     keys: Vec<PrivateKey>,
+    /// Recipients that may still be tried over all calls ([`JweUnwrapper::with_recipient_budget`]).
+    budget: Option<std::sync::atomic::AtomicUsize>,
 }
 
 impl fmt::Debug for JweUnwrapper {
@@ -507,7 +522,33 @@ impl fmt::Debug for JweUnwrapper {
 impl JweUnwrapper {
     /// An unwrapper trying these keys.
     pub fn new(keys: Vec<PrivateKey>) -> Self {
-        JweUnwrapper { keys }
+        JweUnwrapper { keys, budget: None }
+    }
+
+    /// Bounds the recipients tried over all the blobs this unwrapper is given (all the comma
+    /// entries of one layer, for the containerd decoder), so that the private-key operations
+    /// one layer can cost are bounded by `recipients` × keys. A blob whose recipients do not
+    /// fit into what is left fails without any key being tried.
+    #[must_use]
+    pub fn with_recipient_budget(mut self, recipients: usize) -> Self {
+        self.budget = Some(std::sync::atomic::AtomicUsize::new(recipients));
+        self
+    }
+
+    /// Takes `n` recipients from the budget.
+    fn spend(&self, n: usize) -> Result<(), UnwrapError> {
+        use std::sync::atomic::Ordering;
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(n))
+            .map(drop)
+            .map_err(|left| {
+                malformed(format!(
+                    "the layer's JWE entries name more recipients than the limit allows ({n} more, {left} left); refusing to try them"
+                ))
+            })
     }
 
     /// The keys it tries.
@@ -523,6 +564,7 @@ impl KeyUnwrapper for JweUnwrapper {
 
     fn unwrap_key(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, UnwrapError> {
         let jwe = ParsedJwe::parse(blob)?;
+        self.spend(jwe.recipients.len())?;
         let mut unsupported = Vec::new();
         let mut usable = 0;
         for r in &jwe.recipients {
@@ -655,12 +697,24 @@ fn field(name: &str, v: Option<&str>) -> Result<Vec<u8>, UnwrapError> {
 
 impl ParsedJwe {
     fn parse(blob: &[u8]) -> Result<ParsedJwe, UnwrapError> {
+        if blob.len() > MAX_JWE_LEN {
+            return Err(malformed(format!(
+                "a JWE of {} bytes is above the limit of {MAX_JWE_LEN}",
+                blob.len()
+            )));
+        }
         let raw: InJwe = if blob.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
             serde_json::from_slice(blob).map_err(|e| malformed(format!("not JWE JSON ({e})")))?
         } else {
             compact_to_json(blob)?
         };
         let protected_b64 = raw.protected.clone().unwrap_or_default();
+        if protected_b64.len() > MAX_HEADER_LEN / 3 * 4 + 4 {
+            return Err(malformed(format!(
+                "a protected header of {} base64 characters is above the limit of {MAX_HEADER_LEN} bytes",
+                protected_b64.len()
+            )));
+        }
         let protected: Map<String, Value> = if protected_b64.is_empty() {
             Map::new()
         } else {
@@ -677,6 +731,12 @@ impl ParsedJwe {
         // go-jose writes a redundant top-level `encrypted_key` next to `recipients`: ignored.
         let recipients: Vec<RecipientRef<'_>> = match &raw.recipients {
             Some(rs) if rs.is_empty() => return Err(malformed("empty \"recipients\"")),
+            Some(rs) if rs.len() > MAX_RECIPIENTS => {
+                return Err(malformed(format!(
+                    "{} recipients, above the limit of {MAX_RECIPIENTS} per JWE",
+                    rs.len()
+                )))
+            }
             Some(rs) => rs
                 .iter()
                 .map(|r| (r.header.as_ref(), r.encrypted_key.as_deref()))
@@ -687,12 +747,9 @@ impl ParsedJwe {
         let mut parsed = Vec::with_capacity(recipients.len());
         for (header, ek) in recipients {
             // go-jose merges protected, then unprotected, then per-recipient; first one wins.
-            let mut merged = protected.clone();
-            for extra in [raw.unprotected.as_ref(), header].into_iter().flatten() {
-                for (k, v) in extra {
-                    merged.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-            }
+            // Looked up in place rather than merged into a copy: a copy per recipient made
+            // the work grow with recipients × header members.
+            let merged = Merged([Some(&protected), raw.unprotected.as_ref(), header]);
             if merged.contains_key("crit") {
                 return Err(malformed(
                     "critical header parameters (\"crit\") are not supported",
@@ -715,10 +772,19 @@ impl ParsedJwe {
                 _ => return Err(malformed("a recipient has no \"alg\" header")),
             };
             let epk = match (&alg, merged.get("epk")) {
-                (Ok(a), Some(v)) if !a.is_rsa() => Some(
-                    serde_json::from_value::<Epk>(v.clone())
-                        .map_err(|e| malformed(format!("bad \"epk\" header ({e})")))?,
-                ),
+                (Ok(a), Some(v)) if !a.is_rsa() => {
+                    // Checked before it is copied: it may be shared by every recipient.
+                    let small = v.as_object().is_some_and(|m| {
+                        m.len() <= 8 && m.values().all(|x| x.as_str().is_some_and(|s| s.len() <= 256))
+                    });
+                    if !small {
+                        return Err(malformed("bad \"epk\" header (not a small object of strings)"));
+                    }
+                    Some(
+                        Epk::deserialize(v)
+                            .map_err(|e| malformed(format!("bad \"epk\" header ({e})")))?,
+                    )
+                }
                 (Ok(a), None) if !a.is_rsa() => {
                     return Err(malformed(format!("{a} recipient without \"epk\"")))
                 }
@@ -769,6 +835,19 @@ impl ParsedJwe {
             tag,
             recipients: parsed,
         })
+    }
+}
+
+/// A recipient's view of the headers: protected, unprotected, per-recipient, first one wins.
+struct Merged<'a>([Option<&'a Map<String, Value>>; 3]);
+
+impl<'a> Merged<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.0.iter().flatten().find_map(|m| m.get(name))
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
     }
 }
 

@@ -176,12 +176,19 @@ pub fn schemes_present(annotations: &BTreeMap<String, String>) -> Vec<(String, u
         .collect()
 }
 
+/// Wrapped-key entries (comma-separated) accepted in one `keys.<scheme>` annotation. Each
+/// `recipients add` appends one; real images carry a handful. Every entry may cost a
+/// private-key operation per key, so a layer with more is refused before any is tried.
+pub const MAX_KEY_ENTRIES: usize = 64;
+
 /// Unwraps a layer's private options from its annotations: tries every scheme present for
 /// which an unwrapper is given, and every comma entry; stops at the first success.
 ///
 /// # Errors
 /// [`Error::NoKeyForScheme`] when no unwrapper matches any scheme present (with the schemes
-/// found), [`Error::Unwrap`] with every attempt when none succeeded, or an options error.
+/// found), [`Error::TooManyKeyEntries`] when an annotation holds more than
+/// [`MAX_KEY_ENTRIES`] entries, [`Error::Unwrap`] with every attempt when none succeeded, or
+/// an options error.
 pub async fn unwrap_options(
     annotations: &BTreeMap<String, String>,
     unwrappers: &Unwrappers,
@@ -193,6 +200,12 @@ pub async fn unwrap_options(
     let present = schemes_present(annotations);
     if present.is_empty() {
         return Err(Error::MissingAnnotation("org.opencontainers.image.enc.keys.*"));
+    }
+    if let Some((scheme, count)) = present.iter().find(|(_, n)| *n > MAX_KEY_ENTRIES) {
+        return Err(Error::TooManyKeyEntries {
+            scheme: crate::redact::token(scheme).into_owned(),
+            count: *count,
+        });
     }
     let mut attempts = Vec::new();
     let mut tried_any = false;
@@ -208,11 +221,13 @@ pub async fn unwrap_options(
             {
                 let blob = match decode_b64(entry) {
                     Ok(b) => b,
-                    Err(e) => {
+                    Err(_) => {
+                        // The decode error's character and offset add nothing and would make
+                        // every entry's message distinct.
                         attempts.push(Attempt {
                             scheme: scheme.clone(),
                             entry: i,
-                            error: format!("entry is not base64: {e}"),
+                            error: "entry is not base64".to_owned(),
                         });
                         continue;
                     }

@@ -102,7 +102,8 @@ pub struct PublicLayerOptions {
     /// HMAC-SHA256 over the ciphertext.
     #[serde(with = "b64_bytes", default)]
     pub hmac: Vec<u8>,
-    /// Public cipher options (Go writes `{}`; a `nonce` here takes precedence, as in Go).
+    /// Public cipher options (Go writes `{}`; a `nonce` here must equal the private one, see
+    /// [`PublicLayerOptions::nonce`]).
     #[serde(with = "b64_map", default)]
     pub cipheroptions: BTreeMap<String, Vec<u8>>,
 }
@@ -148,17 +149,24 @@ impl PublicLayerOptions {
         Ok(opts)
     }
 
-    /// The nonce, looked up in public then private options like Go (`GetOpt`).
+    /// The nonce: the one in the private options, which the key wrapping authenticates.
+    ///
+    /// Go (`GetOpt`) looks in the public options first, so a `nonce` added to the unauthenticated
+    /// `pubopts` annotation would decrypt the layer to garbage that still passes the MAC (it
+    /// covers the ciphertext only). Here a public nonce is only accepted when it equals the
+    /// private one; a different one is refused.
     ///
     /// # Errors
-    /// [`Error::MissingNonce`] when neither has one (Go would decrypt garbage),
+    /// [`Error::MissingNonce`] when the private options have none (Go would decrypt garbage),
+    /// [`Error::ConflictingNonce`] when the public options carry a different one,
     /// [`Error::InvalidNonceLength`] when it is not 16 bytes.
     pub fn nonce(&self, private: &PrivateLayerOptions) -> Result<Nonce, Error> {
-        let n = self
-            .cipheroptions
-            .get("nonce")
-            .or_else(|| private.cipheroptions.get("nonce"))
-            .ok_or(Error::MissingNonce)?;
+        let n = private.cipheroptions.get("nonce").ok_or(Error::MissingNonce)?;
+        if let Some(public) = self.cipheroptions.get("nonce") {
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(public.as_slice(), n.as_slice())) {
+                return Err(Error::ConflictingNonce);
+            }
+        }
         Nonce::from_slice(n)
     }
 }
@@ -301,23 +309,32 @@ mod tests {
     }
 
     #[test]
-    fn nonce_lookup_prefers_public_and_rejects_missing_or_short() {
+    fn nonce_comes_from_the_private_options_and_a_different_public_one_is_refused() {
         let k = LayerKey::generate();
         let n = Nonce::generate();
         let private = PrivateLayerOptions::new(&k, &n, "");
         let mut public = PublicLayerOptions::new(&MacTag([0; 32]));
         assert_eq!(public.nonce(&private).unwrap(), n);
-        public.cipheroptions.insert("nonce".into(), vec![1; 16]);
-        assert_eq!(public.nonce(&private).unwrap().as_bytes(), &[1; 16]);
-        public.cipheroptions.insert("nonce".into(), vec![1; 8]);
-        assert!(matches!(
-            public.nonce(&private),
-            Err(Error::InvalidNonceLength { .. })
-        ));
+        // The same nonce in the public options is harmless.
+        public.cipheroptions.insert("nonce".into(), n.as_bytes().to_vec());
+        assert_eq!(public.nonce(&private).unwrap(), n);
+        // A different one (unauthenticated) is refused, whatever its length.
+        for other in [vec![1; 16], vec![1; 8]] {
+            public.cipheroptions.insert("nonce".into(), other);
+            assert!(matches!(public.nonce(&private), Err(Error::ConflictingNonce)));
+        }
+        // A nonce only in the public options is not used.
         let bare = PrivateLayerOptions::default();
+        assert!(matches!(public.nonce(&bare), Err(Error::MissingNonce)));
         assert!(matches!(
             PublicLayerOptions::new(&MacTag([0; 32])).nonce(&bare),
             Err(Error::MissingNonce)
+        ));
+        let mut short = PrivateLayerOptions::new(&k, &n, "");
+        short.cipheroptions.insert("nonce".into(), vec![1; 8]);
+        assert!(matches!(
+            PublicLayerOptions::new(&MacTag([0; 32])).nonce(&short),
+            Err(Error::InvalidNonceLength { .. })
         ));
     }
 }

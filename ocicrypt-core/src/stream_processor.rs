@@ -1,5 +1,7 @@
-//! containerd stream processor: the logic of `imgcrypt-decoder`, a drop-in for imgcrypt's
-//! `ctd-decoder`.
+//! containerd stream processor: the payload types and the decrypt logic of
+//! `imgcrypt-decoder`, a drop-in for imgcrypt's `ctd-decoder`. The process around it (command
+//! line, file descriptor 3, environment, exit code) is `imgcrypt_cli::decoder`; this module does
+//! no process I/O of its own, it works on the bytes and streams it is given ([`run`]).
 //!
 //! containerd runs a stream processor once per encrypted layer it unpacks ([`containerd`'s
 //! processor API], `diff/stream_unix.go`):
@@ -21,6 +23,14 @@
 //!   `--decryption-keys-path` directory, read with the runtimes' strict semantics
 //!   ([`crate::keys::read_key_dir`]: a symbolic link or a file the runtime cannot use fails
 //!   the layer, naming the file); a missing directory counts as empty;
+//! * **unauthenticated data never overrides authenticated data**: the nonce comes from the
+//!   wrapped private options (a different one in `pubopts` is refused); exactly the
+//!   descriptor's size is read from stdin and checked against its digest; the media type
+//!   containerd passes is required and must match the descriptor;
+//! * **costs are bounded**: at most [`crate::keywrap::MAX_KEY_ENTRIES`] wrapped-key entries per
+//!   annotation, [`crate::jwe::MAX_RECIPIENTS`] recipients per JWE *and per layer*, so one layer
+//!   costs at most that many private-key operations per key; failures are aggregated into one
+//!   short line;
 //! * **nothing unauthenticated reaches containerd** by default ([`OutputMode::Spool`]): the
 //!   plaintext is decrypted into an unnamed temporary file (`O_TMPFILE`), the HMAC is checked
 //!   at the end of the input, and only then is the file copied to stdout. A tampered layer
@@ -30,7 +40,8 @@
 //!   Memory stays bounded either way (a few 256 KiB buffers, whatever the layer size);
 //! * HMAC and CTR run on two threads ([`crate::cipher::parallel`]), so on a node with two free
 //!   cores SHA-256 alone bounds a layer's decryption;
-//! * every failure is one line on stderr saying what is wrong and what to do.
+//! * every failure is one line on stderr saying what is wrong and what to do, quoting no
+//!   secret: values of the payload are named by their field, never echoed.
 //!
 //! The protobuf envelope is decoded by hand ([`decode_any`]): it is two length-delimited
 //! fields.
@@ -38,9 +49,7 @@
 //! [`containerd`'s processor API]: https://github.com/containerd/containerd/blob/main/docs/stream_processors.md
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fmt;
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,8 +73,6 @@ pub const PAYLOAD_TYPE_URL: &str = "io.containerd.ocicrypt.v1.Payload";
 pub const MEDIA_TYPE_ENV: &str = "STREAM_PROCESSOR_MEDIATYPE";
 /// The environment variable naming the ocicrypt key-provider configuration file.
 pub const KEYPROVIDER_CONFIG_ENV: &str = "OCICRYPT_KEYPROVIDER_CONFIG";
-/// Where the payload file descriptor (fd 3) is opened from, without `unsafe`.
-pub const PAYLOAD_FD_PATH: &str = "/proc/self/fd/3";
 /// Largest payload accepted (a descriptor and a few keys are a few KiB).
 pub const MAX_PAYLOAD_LEN: u64 = 16 << 20;
 /// Bytes withheld until the MAC is verified in [`OutputMode::Stream`] (Go's `DelayedReader`).
@@ -87,11 +94,6 @@ const BUF_LEN: usize = crate::cipher::parallel::CHUNK;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecoderError {
-    /// Bad command line.
-    #[error(
-        "{0} (usage: imgcrypt-decoder [--decryption-keys-path DIR] [--spool-dir DIR | --stream]; see --help)"
-    )]
-    Usage(String),
     /// No payload on fd 3.
     #[error("no decryption payload on file descriptor 3 ({reason}): containerd passes the layer's wrapped keys only to stream processors registered under the IDs \"io.containerd.ocicrypt.decoder.v1.tar\" or \"io.containerd.ocicrypt.decoder.v1.tar.gzip\", and only on pulls that ask for decryption (CRI with image_decryption.key_model = \"node\", ctr-enc, nerdctl); check the stream_processors section of containerd's config.toml")]
     NoPayload {
@@ -123,6 +125,47 @@ pub enum DecoderError {
         digest: String,
         /// Its media type.
         media_type: String,
+    },
+    /// containerd's media type variable is missing.
+    #[error("{MEDIA_TYPE_ENV} is not set or empty: containerd sets it for every stream processor, and the payload's descriptor must match it; run imgcrypt-decoder only as a containerd stream processor")]
+    MissingMediaType,
+    /// The descriptor gives no usable size.
+    #[error("the payload's descriptor of layer {digest} gives no usable size ({size}): the decoder reads exactly that many bytes from stdin")]
+    NoSize {
+        /// Layer digest.
+        digest: String,
+        /// The size found.
+        size: i64,
+    },
+    /// The descriptor's digest is not one the decoder can check.
+    #[error("the payload's descriptor gives the digest {found:?}, which is not sha256:<64 hex> or sha512:<128 hex>: stdin cannot be checked against it")]
+    BadDigest {
+        /// The digest, sanitized.
+        found: String,
+    },
+    /// stdin ended before the descriptor's size.
+    #[error("stdin ended after {got} of the {expected} bytes the descriptor of layer {digest} gives: the blob is truncated; {consequence}")]
+    ShortInput {
+        /// Layer digest.
+        digest: String,
+        /// The descriptor's size.
+        expected: u64,
+        /// Bytes read.
+        got: u64,
+        /// What happened to the output.
+        consequence: &'static str,
+    },
+    /// The bytes read do not have the descriptor's digest.
+    #[error("the {bytes} bytes read from stdin have digest {actual}, not the descriptor's {digest}: containerd passed another blob than the payload describes; {consequence}")]
+    DigestMismatch {
+        /// The descriptor's digest.
+        digest: String,
+        /// The digest of what was read.
+        actual: String,
+        /// Bytes read.
+        bytes: u64,
+        /// What happened to the output.
+        consequence: &'static str,
     },
     /// containerd's media type and the payload's descriptor disagree.
     #[error("containerd passes a {env:?} stream but the payload describes layer {digest} of type {payload:?}: the payload belongs to another layer")]
@@ -338,14 +381,15 @@ fn write_varint(out: &mut Vec<u8>, mut v: u64) {
 // Payload JSON
 
 /// imgcrypt's `Payload`: the decrypt configuration of the pull and the layer descriptor.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Parsed with [`Payload::from_json`] (no `Deserialize`: serde's messages quote values).
+#[derive(Debug, Default, Serialize)]
 pub struct Payload {
     /// Keys and parameters sent with the pull (often empty: the node key model uses the key
     /// directory).
-    #[serde(rename = "DecryptConfig", default, deserialize_with = "null_default")]
+    #[serde(rename = "DecryptConfig")]
     pub decrypt_config: DecryptConfig,
     /// The encrypted layer's descriptor, with the wrapped keys in its annotations.
-    #[serde(rename = "Descriptor", default, deserialize_with = "null_default")]
+    #[serde(rename = "Descriptor")]
     pub descriptor: Descriptor,
 }
 
@@ -363,8 +407,47 @@ impl Payload {
             return Err(DecoderError::WrongPayloadType { type_url });
         }
         let value = Zeroizing::new(value);
-        serde_json::from_slice(&value).map_err(|e| DecoderError::PayloadJson {
-            reason: e.to_string(),
+        Payload::from_json(&value)
+    }
+
+    /// Parses the payload JSON (the `value` of the `Any`).
+    ///
+    /// The JSON is read into a tree first and checked by hand, so that a value of the wrong
+    /// type is named by its field and never quoted: serde's own messages quote the value, and a
+    /// `"privkeys"` given as a string instead of a list would put the key on stderr. Every
+    /// string of the tree is zeroized once the payload is built.
+    ///
+    /// # Errors
+    /// [`DecoderError::PayloadJson`], naming the field.
+    pub fn from_json(json: &[u8]) -> Result<Payload, DecoderError> {
+        let bad = |reason: String| DecoderError::PayloadJson { reason };
+        // serde_json's syntax errors give a line and column, never the input.
+        let tree = WipedJson(
+            serde_json::from_slice::<serde_json::Value>(json).map_err(|e| bad(syntax_error(&e)))?,
+        );
+        let Some(top) = tree.0.as_object() else {
+            return Err(bad(format!("the payload is {}, not an object", json_kind(&tree.0))));
+        };
+        let decrypt_config = match top.get("DecryptConfig") {
+            None | Some(serde_json::Value::Null) => DecryptConfig::default(),
+            Some(serde_json::Value::Object(dc)) => DecryptConfig {
+                parameters: parse_parameters(dc.get("Parameters")).map_err(bad)?,
+            },
+            Some(other) => {
+                return Err(bad(format!(
+                    "DecryptConfig is {}, not an object",
+                    json_kind(other)
+                )))
+            }
+        };
+        let descriptor = match top.get("Descriptor") {
+            None | Some(serde_json::Value::Null) => Descriptor::default(),
+            Some(serde_json::Value::Object(d)) => parse_descriptor(d).map_err(bad)?,
+            Some(other) => return Err(bad(format!("Descriptor is {}, not an object", json_kind(other)))),
+        };
+        Ok(Payload {
+            decrypt_config,
+            descriptor,
         })
     }
 
@@ -377,10 +460,10 @@ impl Payload {
 
 /// ocicrypt's `DecryptConfig`: `Parameters` is Go's `map[string][][]byte` (each byte string
 /// base64 in JSON). Zeroized on drop; `Debug` shows only the parameter names.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Default, Serialize)]
 pub struct DecryptConfig {
     /// `privkeys`, `privkeys-passwords`, `x509s`, `gpg-privatekeys`, …
-    #[serde(rename = "Parameters", default, with = "go_bytes_map")]
+    #[serde(rename = "Parameters", serialize_with = "go_bytes_map::serialize")]
     pub parameters: BTreeMap<String, Vec<Vec<u8>>>,
 }
 
@@ -423,13 +506,172 @@ pub struct Descriptor {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// A JSON tree whose strings are zeroized on drop (it may hold keys and passwords).
+struct WipedJson(serde_json::Value);
+
+impl Drop for WipedJson {
+    fn drop(&mut self) {
+        fn wipe(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::String(s) => s.zeroize(),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(wipe),
+                serde_json::Value::Object(o) => o.values_mut().for_each(wipe),
+                _ => {}
+            }
+        }
+        wipe(&mut self.0);
+    }
+}
+
+/// serde_json's message without anything quoted from the input: the category and position.
+fn syntax_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Eof => "the JSON ends early",
+        serde_json::error::Category::Syntax => "invalid JSON",
+        serde_json::error::Category::Io => "unreadable JSON",
+        serde_json::error::Category::Data => "unexpected JSON data",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+/// What a JSON value is, for messages that must not quote it.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// `DecryptConfig.Parameters`: Go's `map[string][][]byte`, each byte string base64.
+fn parse_parameters(v: Option<&serde_json::Value>) -> Result<BTreeMap<String, Vec<Vec<u8>>>, String> {
+    use serde_json::Value;
+    let mut out = BTreeMap::new();
+    let map = match v {
+        None | Some(Value::Null) => return Ok(out),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            return Err(format!(
+                "DecryptConfig.Parameters is {}, not an object of lists of base64 strings",
+                json_kind(other)
+            ))
+        }
+    };
+    for (k, list) in map {
+        let name = parameter_name(k);
+        let items = match list {
+            Value::Null => {
+                out.insert(k.clone(), Vec::new());
+                continue;
+            }
+            Value::Array(items) => items,
+            other => {
+                return Err(format!(
+                    "DecryptConfig.Parameters[{name:?}] is {}, not a list of base64 strings",
+                    json_kind(other)
+                ))
+            }
+        };
+        let mut vals = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            vals.push(match item {
+                Value::Null => Vec::new(),
+                // The decode error names a character and its offset: not repeated.
+                Value::String(s) => decode_b64(s).map_err(|_| {
+                    format!("DecryptConfig.Parameters[{name:?}][{i}] is not base64")
+                })?,
+                other => {
+                    return Err(format!(
+                        "DecryptConfig.Parameters[{name:?}][{i}] is {}, not a base64 string",
+                        json_kind(other)
+                    ))
+                }
+            });
+        }
+        out.insert(k.clone(), vals);
+    }
+    Ok(out)
+}
+
+/// A `DecryptConfig` parameter name, safe to quote: one of ocicrypt's, else a sanitized token.
+fn parameter_name(k: &str) -> std::borrow::Cow<'static, str> {
+    const KNOWN: [&str; 9] = [
+        "privkeys",
+        "privkeys-passwords",
+        "x509s",
+        "gpg-privatekeys",
+        "gpg-privatekeys-passwords",
+        "gpg-pubkeyringfile",
+        "pkcs11-config",
+        "pkcs11-yamls",
+        "pkcs11-pubkeys",
+    ];
+    match KNOWN.iter().find(|n| **n == k) {
+        Some(n) => std::borrow::Cow::Borrowed(n),
+        None => crate::redact::token(k),
+    }
+}
+
+/// The descriptor's fields the decoder uses; values of the wrong type are named, not quoted.
+fn parse_descriptor(d: &serde_json::Map<String, serde_json::Value>) -> Result<Descriptor, String> {
+    use serde_json::Value;
+    let string = |name: &str| -> Result<String, String> {
+        match d.get(name) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(format!("Descriptor.{name} is {}, not a string", json_kind(other))),
+        }
+    };
+    let size = match d.get("size") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| "Descriptor.size is not an integer in range".to_owned())?,
+        Some(other) => return Err(format!("Descriptor.size is {}, not a number", json_kind(other))),
+    };
+    let mut annotations = BTreeMap::new();
+    match d.get("annotations") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                match v {
+                    Value::String(s) => {
+                        annotations.insert(k.clone(), s.clone());
+                    }
+                    other => {
+                        return Err(format!(
+                            "Descriptor.annotations[{:?}] is {}, not a string",
+                            crate::redact::token(k),
+                            json_kind(other)
+                        ))
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "Descriptor.annotations is {}, not an object",
+                json_kind(other)
+            ))
+        }
+    }
+    Ok(Descriptor {
+        media_type: string("mediaType")?,
+        digest: string("digest")?,
+        size,
+        annotations,
+    })
+}
+
 fn null_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 mod go_bytes_map {
     use super::*;
-    use serde::de::Error as _;
     use serde::ser::{SerializeMap, Serializer};
 
     pub(super) fn serialize<S: Serializer>(
@@ -443,27 +685,6 @@ mod go_bytes_map {
             map.serialize_entry(k, &refs)?;
         }
         map.end()
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<String, Vec<Vec<u8>>>, D::Error> {
-        let raw = Option::<BTreeMap<String, Option<Vec<Option<String>>>>>::deserialize(d)?;
-        let mut out = BTreeMap::new();
-        for (k, list) in raw.unwrap_or_default() {
-            let mut vals = Vec::new();
-            for (i, item) in list.unwrap_or_default().into_iter().enumerate() {
-                let bytes = match item.map(Zeroizing::new) {
-                    None => Vec::new(),
-                    Some(s) => decode_b64(&s).map_err(|e| {
-                        D::Error::custom(format!("Parameters[{k:?}][{i}] is not base64: {e}"))
-                    })?,
-                };
-                vals.push(bytes);
-            }
-            out.insert(k, vals);
-        }
-        Ok(out)
     }
 }
 
@@ -491,109 +712,6 @@ pub struct DecoderOptions {
     pub keys_path: Option<PathBuf>,
     /// `--spool-dir DIR` / `--stream`.
     pub output: OutputMode,
-}
-
-/// What the command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Decrypt stdin to stdout.
-    Run(DecoderOptions),
-    /// Print [`HELP`].
-    Help,
-    /// Print the version.
-    Version,
-}
-
-/// `--help` text.
-pub const HELP: &str = "\
-imgcrypt-decoder: containerd stream processor that decrypts ocicrypt-encrypted image layers
-(a drop-in for imgcrypt's ctd-decoder).
-
-containerd runs it once per encrypted layer: the encrypted blob on stdin, the decrypted blob on
-stdout, the layer descriptor and decrypt parameters as a protobuf Any on file descriptor 3.
-
-Options:
-  --decryption-keys-path DIR  also use the private keys in DIR (read like the runtime reads its
-                              key directory: every file must be a usable key, no symbolic links)
-  --spool-dir DIR             scratch directory for the verified-before-release output
-                              (default: $TMPDIR, else /var/tmp)
-  --stream                    release output before the HMAC is verified, like Go's ctd-decoder
-                              (no scratch space; a bad HMAC still exits non-zero)
-  -h, --help                  this help
-  --version                   the version
-
-Environment: STREAM_PROCESSOR_MEDIATYPE (set by containerd),
-OCICRYPT_KEYPROVIDER_CONFIG (key providers).
-See docs/runtime-integration.md.
-";
-
-/// The default spool directory: `$TMPDIR` when set, else `/var/tmp` (usually on disk, unlike
-/// a tmpfs `/tmp` that would hold the layer in memory), else `/tmp`.
-pub fn default_spool_dir() -> PathBuf {
-    if let Some(t) = std::env::var_os("TMPDIR").filter(|t| !t.is_empty()) {
-        return PathBuf::from(t);
-    }
-    if Path::new("/var/tmp").is_dir() {
-        return PathBuf::from("/var/tmp");
-    }
-    std::env::temp_dir()
-}
-
-/// Parses the arguments (without the program name). Accepts Go's flag spellings:
-/// `--flag VALUE`, `--flag=VALUE`, `-flag VALUE`.
-///
-/// # Errors
-/// [`DecoderError::Usage`].
-pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, DecoderError> {
-    let mut keys_path = None;
-    let mut spool_dir: Option<PathBuf> = None;
-    let mut stream = false;
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        let s = arg
-            .to_str()
-            .ok_or_else(|| DecoderError::Usage(format!("argument {arg:?} is not UTF-8")))?
-            .to_owned();
-        let (name, inline) = match s.split_once('=') {
-            Some((n, v)) if n.starts_with('-') => (n.to_owned(), Some(PathBuf::from(v))),
-            _ => (s.clone(), None),
-        };
-        let flag = name.trim_start_matches('-');
-        if !name.starts_with('-') || flag.is_empty() {
-            return Err(DecoderError::Usage(format!("unexpected argument {s:?}")));
-        }
-        let mut value = |inline: Option<PathBuf>| -> Result<PathBuf, DecoderError> {
-            match inline {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| DecoderError::Usage(format!("{name} needs a value"))),
-            }
-        };
-        match flag {
-            "decryption-keys-path" => keys_path = Some(value(inline)?),
-            "spool-dir" => spool_dir = Some(value(inline)?),
-            "stream" if inline.is_none() => stream = true,
-            "h" | "help" if inline.is_none() => return Ok(Command::Help),
-            "version" if inline.is_none() => return Ok(Command::Version),
-            _ => return Err(DecoderError::Usage(format!("unknown option {s:?}"))),
-        }
-    }
-    if stream && spool_dir.is_some() {
-        return Err(DecoderError::Usage(
-            "--stream and --spool-dir exclude each other".into(),
-        ));
-    }
-    let keys_path = keys_path.filter(|p| !p.as_os_str().is_empty());
-    let output = if stream {
-        OutputMode::Stream
-    } else {
-        OutputMode::Spool {
-            dir: spool_dir.unwrap_or_else(default_spool_dir),
-        }
-    };
-    Ok(Command::Run(DecoderOptions { keys_path, output }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,6 +801,10 @@ pub struct Outcome {
 #[derive(Debug)]
 pub struct Decoder {
     payload: Payload,
+    /// The descriptor's size: exactly this many bytes are read from stdin.
+    size: u64,
+    /// The descriptor's digest, checked against what was read.
+    check: Option<DigestCheck>,
     keys: KeySet,
     extra: Vec<Arc<dyn AsyncKeyUnwrapper>>,
     output: OutputMode,
@@ -711,14 +833,15 @@ impl Decoder {
                 media_type: d.media_type.clone(),
             });
         }
-        if let Some(env) = env_media_type.filter(|e| !e.is_empty()) {
-            if env != d.media_type {
-                return Err(DecoderError::MediaTypeMismatch {
-                    env: env.to_owned(),
-                    payload: d.media_type.clone(),
-                    digest,
-                });
-            }
+        let env = env_media_type
+            .filter(|e| !e.is_empty())
+            .ok_or(DecoderError::MissingMediaType)?;
+        if env != d.media_type {
+            return Err(DecoderError::MediaTypeMismatch {
+                env: env.to_owned(),
+                payload: d.media_type.clone(),
+                digest,
+            });
         }
         let missing = if !d.annotations.contains_key(PUBOPTS_ANNOTATION) {
             Some(PUBOPTS_ANNOTATION.to_owned())
@@ -734,9 +857,16 @@ impl Decoder {
                 missing,
             });
         }
+        let size = u64::try_from(d.size)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or(DecoderError::NoSize { digest, size: d.size })?;
+        let check = DigestCheck::parse(&d.digest)?;
         let keys = KeySet::gather(&payload.decrypt_config, options.keys_path.as_deref())?;
         Ok(Self {
             payload,
+            size,
+            check,
             keys,
             extra: Vec::new(),
             output: options.output.clone(),
@@ -778,7 +908,12 @@ impl Decoder {
         let key_count = tried.len();
         let mut unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
         if !self.keys.keys.is_empty() {
-            unwrappers.push(Arc::new(JweUnwrapper::new(self.keys.keys)));
+            // All the comma entries of the layer together may name at most as many recipients
+            // as one JWE may: the private-key operations a layer costs are bounded by that
+            // number times the keys.
+            unwrappers.push(Arc::new(
+                JweUnwrapper::new(self.keys.keys).with_recipient_budget(crate::jwe::MAX_RECIPIENTS),
+            ));
         }
         unwrappers.extend(self.extra);
         let unwrapped = futures::executor::block_on(crate::keywrap::unwrap_options(annotations, &unwrappers));
@@ -795,10 +930,14 @@ impl Decoder {
                 return Err(DecoderError::WrongKeys {
                     digest,
                     count: key_count,
-                    tried: if tried.is_empty() {
-                        "key providers only".into()
-                    } else {
-                        tried.join(", ")
+                    tried: match tried.len() {
+                        0 => "key providers only".into(),
+                        n if n > MAX_TRIED_NAMED => format!(
+                            "{} and {} more",
+                            tried[..MAX_TRIED_NAMED].join(", "),
+                            n - MAX_TRIED_NAMED
+                        ),
+                        _ => tried.join(", "),
                     },
                     attempts: summarize(&attempts),
                 })
@@ -819,6 +958,8 @@ impl Decoder {
             nonce: &nonce,
             mac: &mac,
             digest: &digest,
+            size: self.size,
+            check: self.check.as_ref(),
         };
         let bytes = match &self.output {
             OutputMode::Spool { dir } => spool_then_copy(input, output, dir, &layer)?,
@@ -828,31 +969,159 @@ impl Decoder {
     }
 }
 
-/// Attempts, deduplicated: one JWE unwrapper over N keys reports once per entry.
+/// The attempts as one short line: identical messages counted (`3 entries: …`), at most
+/// [`MAX_REASONS`] distinct ones shown, each cut to [`MAX_REASON_LEN`] characters. Linear in the
+/// number of attempts, whatever they say.
 fn summarize(attempts: &[Attempt]) -> String {
-    let mut seen: Vec<String> = Vec::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut order: Vec<String> = Vec::new();
     for a in attempts {
-        let s = format!("{}: {}", a.scheme, a.error);
-        if !seen.contains(&s) {
-            seen.push(s);
+        let mut s = format!("{}: {}", a.scheme, a.error);
+        if s.len() > MAX_REASON_LEN {
+            let mut end = MAX_REASON_LEN;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s.push('…');
         }
+        let n = counts.entry(s.clone()).or_insert(0);
+        if *n == 0 && order.len() <= MAX_REASONS {
+            order.push(s);
+        }
+        *n += 1;
     }
-    seen.join("; ")
+    let shown: Vec<String> = order
+        .iter()
+        .take(MAX_REASONS)
+        .map(|s| match counts[s] {
+            1 => s.clone(),
+            n => format!("{n} entries: {s}"),
+        })
+        .collect();
+    let mut line = shown.join("; ");
+    if counts.len() > MAX_REASONS {
+        let hidden: usize = order
+            .iter()
+            .skip(MAX_REASONS)
+            .map(|s| counts[s])
+            .sum::<usize>()
+            + counts
+                .iter()
+                .filter(|(s, _)| !order.contains(s))
+                .map(|(_, n)| n)
+                .sum::<usize>();
+        line.push_str(&format!(
+            "; {hidden} more entries failed with {} other reasons",
+            counts.len() - MAX_REASONS
+        ));
+    }
+    line
 }
 
-/// Counts the ciphertext bytes read, and remembers whether the input (rather than the output)
-/// failed.
-struct Counted<R> {
+/// Keys named in a [`DecoderError::WrongKeys`] message.
+const MAX_TRIED_NAMED: usize = 5;
+/// Distinct unwrap failures named in a [`DecoderError::WrongKeys`] message.
+const MAX_REASONS: usize = 3;
+/// Characters of one unwrap failure in a message.
+const MAX_REASON_LEN: usize = 160;
+
+/// The descriptor's digest, to check stdin against.
+#[derive(Debug, Clone)]
+enum DigestCheck {
+    Sha256([u8; 32]),
+    Sha512([u8; 64]),
+}
+
+impl DigestCheck {
+    /// `None` for an empty digest (nothing to check).
+    fn parse(digest: &str) -> Result<Option<DigestCheck>, DecoderError> {
+        if digest.is_empty() {
+            return Ok(None);
+        }
+        let bad = || DecoderError::BadDigest {
+            found: crate::redact::token(digest.split(':').next().unwrap_or_default()).into_owned() + ":…",
+        };
+        let (alg, hex_part) = digest.split_once(':').ok_or_else(bad)?;
+        // Lower-case hex only, as the OCI image spec says.
+        if hex_part.bytes().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        match (alg, hex_part.len()) {
+            ("sha256", 64) => {
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(hex_part, &mut d).map_err(|_| bad())?;
+                Ok(Some(DigestCheck::Sha256(d)))
+            }
+            ("sha512", 128) => {
+                let mut d = [0u8; 64];
+                hex::decode_to_slice(hex_part, &mut d).map_err(|_| bad())?;
+                Ok(Some(DigestCheck::Sha512(d)))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn hasher(&self) -> Hasher {
+        match self {
+            DigestCheck::Sha256(_) => Hasher::Sha256(sha2::Sha256::default()),
+            DigestCheck::Sha512(_) => Hasher::Sha512(sha2::Sha512::default()),
+        }
+    }
+}
+
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    fn update(&mut self, data: &[u8]) {
+        use sha2::Digest as _;
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// `None` when the digest matches `expected`, else the digest found.
+    fn mismatch(self, expected: &DigestCheck) -> Option<String> {
+        use sha2::Digest as _;
+        let (found, alg) = match self {
+            Hasher::Sha256(h) => (h.finalize().to_vec(), "sha256"),
+            Hasher::Sha512(h) => (h.finalize().to_vec(), "sha512"),
+        };
+        let want: &[u8] = match expected {
+            DigestCheck::Sha256(d) => d,
+            DigestCheck::Sha512(d) => d,
+        };
+        (found != want).then(|| format!("{alg}:{}", hex::encode(found)))
+    }
+}
+
+/// stdin as the decoder reads it: at most the descriptor's size, counted and hashed, and
+/// remembering whether the input (rather than the output) failed.
+struct Bounded<R> {
     inner: R,
+    left: u64,
     bytes: u64,
+    hasher: Option<Hasher>,
     failed: bool,
 }
 
-impl<R: Read> Read for Counted<R> {
+impl<R: Read> Read for Bounded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
+        let max = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.len());
+        if max == 0 {
+            return Ok(0);
+        }
+        match self.inner.read(&mut buf[..max]) {
             Ok(n) => {
                 self.bytes += n as u64;
+                self.left -= n as u64;
+                if let Some(h) = &mut self.hasher {
+                    h.update(&buf[..n]);
+                }
                 Ok(n)
             }
             Err(e) => {
@@ -865,9 +1134,11 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Decrypts `input` into `sink` with CTR and HMAC on two threads
-/// ([`crate::cipher::parallel::decrypt`]), mapping a MAC failure to [`DecoderError::Tampered`]
-/// and I/O errors to one naming the input or `sink_name`.
+/// Decrypts at most the descriptor's size of `input` into `sink` with CTR and HMAC on two
+/// threads ([`crate::cipher::parallel::decrypt`]), then checks that exactly that many bytes
+/// came, with the descriptor's digest. Maps a MAC failure to [`DecoderError::Tampered`] (or
+/// [`DecoderError::ShortInput`] when stdin ended early) and I/O errors to one naming the
+/// input or `sink_name`.
 fn decrypt_into<R: Read, W: Write + Send>(
     input: R,
     sink: W,
@@ -875,25 +1146,54 @@ fn decrypt_into<R: Read, W: Write + Send>(
     consequence: &'static str,
     sink_name: &str,
 ) -> Result<(W, u64), DecoderError> {
-    let mut src = Counted {
+    let mut src = Bounded {
         inner: input,
+        left: layer.size,
         bytes: 0,
+        hasher: layer.check.map(DigestCheck::hasher),
         failed: false,
     };
-    match crate::cipher::parallel::decrypt(&mut src, sink, layer.key, layer.nonce, layer.mac) {
-        Ok(done) => Ok(done),
-        Err(Error::AuthenticationFailed) => Err(DecoderError::Tampered {
-            digest: layer.digest.to_owned(),
-            bytes: src.bytes,
-            consequence,
-        }),
-        Err(Error::Io(e)) if src.failed => Err(DecoderError::io("reading the encrypted layer from stdin")(e)),
-        Err(Error::Io(e)) => Err(DecoderError::io(sink_name.to_owned())(e)),
-        Err(other) => Err(DecoderError::Options {
-            digest: layer.digest.to_owned(),
-            source: other,
-        }),
+    let short = |src: &Bounded<R>| DecoderError::ShortInput {
+        digest: layer.digest.to_owned(),
+        expected: layer.size,
+        got: src.bytes,
+        consequence,
+    };
+    let done = match crate::cipher::parallel::decrypt(&mut src, sink, layer.key, layer.nonce, layer.mac) {
+        Ok(done) => done,
+        Err(Error::AuthenticationFailed) if src.bytes < layer.size => return Err(short(&src)),
+        Err(Error::AuthenticationFailed) => {
+            return Err(DecoderError::Tampered {
+                digest: layer.digest.to_owned(),
+                bytes: src.bytes,
+                consequence,
+            })
+        }
+        Err(Error::Io(e)) if src.failed => {
+            return Err(DecoderError::io("reading the encrypted layer from stdin")(e))
+        }
+        Err(Error::Io(e)) => return Err(DecoderError::io(sink_name.to_owned())(e)),
+        Err(other) => {
+            return Err(DecoderError::Options {
+                digest: layer.digest.to_owned(),
+                source: other,
+            })
+        }
+    };
+    if src.bytes < layer.size {
+        return Err(short(&src));
     }
+    if let (Some(h), Some(check)) = (src.hasher.take(), layer.check) {
+        if let Some(actual) = h.mismatch(check) {
+            return Err(DecoderError::DigestMismatch {
+                digest: layer.digest.to_owned(),
+                actual,
+                bytes: src.bytes,
+                consequence,
+            });
+        }
+    }
+    Ok(done)
 }
 
 /// What [`decrypt_into`] needs to know about the layer.
@@ -902,6 +1202,8 @@ struct LayerParams<'a> {
     nonce: &'a Nonce,
     mac: &'a ExpectedMac,
     digest: &'a str,
+    size: u64,
+    check: Option<&'a DigestCheck>,
 }
 
 fn spool_then_copy<R: Read, W: Write>(
@@ -996,26 +1298,12 @@ fn stream_with_hold_back<R: Read, W: Write + Send>(
 // ---------------------------------------------------------------------------------------------
 // Process entry
 
-/// Reads the payload from file descriptor 3 (bounded by [`MAX_PAYLOAD_LEN`]).
+/// Reads a payload from `r` (file descriptor 3 in the decoder), bounded by
+/// [`MAX_PAYLOAD_LEN`].
 ///
 /// # Errors
-/// [`DecoderError::NoPayload`] when fd 3 is not open or empty,
-/// [`DecoderError::MalformedPayload`] when it is too large.
-pub fn read_payload_fd() -> Result<Vec<u8>, DecoderError> {
-    let f = File::open(PAYLOAD_FD_PATH).map_err(|e| DecoderError::NoPayload {
-        reason: if e.kind() == io::ErrorKind::NotFound {
-            "it is not open".to_owned()
-        } else {
-            e.to_string()
-        },
-    })?;
-    read_payload(f)
-}
-
-/// Reads a payload from `r` (bounded by [`MAX_PAYLOAD_LEN`]).
-///
-/// # Errors
-/// As [`read_payload_fd`].
+/// [`DecoderError::NoPayload`] when `r` is empty or fails, [`DecoderError::MalformedPayload`]
+/// when it is too large.
 pub fn read_payload<R: Read>(r: R) -> Result<Vec<u8>, DecoderError> {
     let mut buf = Vec::new();
     r.take(MAX_PAYLOAD_LEN + 1)
@@ -1055,83 +1343,24 @@ pub fn run<R: Read, W: Write + Send>(
         .decrypt(input, output)
 }
 
-/// The whole `imgcrypt-decoder` process: arguments from the command line, payload from fd 3,
-/// media type from the environment, stdin to stdout. Prints one line on stderr and returns a
-/// failure exit code on any error.
-pub fn main() -> std::process::ExitCode {
-    use std::os::fd::AsFd as _;
-    let fail = |e: &DecoderError| {
-        let _ = writeln!(io::stderr(), "imgcrypt-decoder: {}", e.one_line());
-        std::process::ExitCode::FAILURE
-    };
-    let options = match parse_args(std::env::args_os().skip(1)) {
-        Ok(Command::Run(o)) => o,
-        Ok(Command::Help) => {
-            print!("{HELP}");
-            return std::process::ExitCode::SUCCESS;
-        }
-        Ok(Command::Version) => {
-            println!("imgcrypt-decoder {}", env!("CARGO_PKG_VERSION"));
-            return std::process::ExitCode::SUCCESS;
-        }
-        Err(e) => return fail(&e),
-    };
-    // A raw descriptor: std's stdout is line-buffered, and the decoder does its own buffering.
-    let result = run_process(&options, || {
-        io::stdout().as_fd().try_clone_to_owned().map(File::from)
-    });
-    match result {
-        Ok(_) => std::process::ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
-}
-
-/// What the decoder process does once its arguments are parsed, with the output opened by
-/// `open_output` (stdout in the binary): payload from fd 3, media type from
-/// [`MEDIA_TYPE_ENV`], key providers from [`KEYPROVIDER_CONFIG_ENV`], input from stdin.
-///
-/// The payload is read before any descriptor is opened or duplicated: when containerd passes
-/// no payload, fd 3 is free and the next descriptor opened would take its number.
-///
-/// # Errors
-/// Any [`DecoderError`].
-pub fn run_process<W: Write + Send>(
-    options: &DecoderOptions,
-    open_output: impl FnOnce() -> io::Result<W>,
-) -> Result<Outcome, DecoderError> {
-    use std::os::fd::AsFd as _;
-    let payload = Payload::from_any_bytes(&read_payload_fd()?)?;
-    let env_media_type = std::env::var(MEDIA_TYPE_ENV).ok();
-    let providers = key_provider_unwrappers(&payload.decrypt_config)?;
-    let stdin = io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .map(File::from)
-        .map_err(DecoderError::io("stdin"))?;
-    let output = open_output().map_err(DecoderError::io("stdout"))?;
-    Decoder::new(payload, env_media_type.as_deref(), options)?
-        .with_unwrappers(providers)
-        .decrypt(stdin, output)
-}
-
-/// Unwrappers for every command key provider of the file named by
-/// [`KEYPROVIDER_CONFIG_ENV`], sent the pull's decrypt parameters as Go does. None when the
-/// variable is unset or empty, or names a file that does not exist (Go ocicrypt's rule, which
+/// Unwrappers for every command key provider of the configuration file `path` (the file
+/// named by [`KEYPROVIDER_CONFIG_ENV`]), sent the pull's decrypt parameters as Go does. None
+/// when `path` is `None` or names a file that does not exist (Go ocicrypt's rule, which
 /// containerd's documented configuration relies on).
 ///
 /// # Errors
 /// [`DecoderError::KeyProviders`] when the file exists but cannot be read or parsed.
 pub fn key_provider_unwrappers(
+    path: Option<&Path>,
     config: &DecryptConfig,
 ) -> Result<Vec<Arc<dyn AsyncKeyUnwrapper>>, DecoderError> {
-    let Some(path) = std::env::var_os(KEYPROVIDER_CONFIG_ENV).filter(|p| !p.is_empty()) else {
+    let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
         return Ok(Vec::new());
     };
-    let path = PathBuf::from(path);
-    if matches!(std::fs::metadata(&path), Err(e) if e.kind() == io::ErrorKind::NotFound) {
+    if matches!(std::fs::metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound) {
         return Ok(Vec::new());
     }
-    let cfg = KeyProviderConfig::from_file(&path).map_err(|source| DecoderError::KeyProviders { source })?;
+    let cfg = KeyProviderConfig::from_file(path).map_err(|source| DecoderError::KeyProviders { source })?;
     Ok(cfg
         .unwrappers()
         .into_iter()
@@ -1221,40 +1450,6 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("privkeys") && e.contains("base64"), "{e}");
-    }
-
-    #[test]
-    fn args() {
-        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let Command::Run(o) = parse_args(os(&["--decryption-keys-path", "/k"])).unwrap() else {
-            panic!()
-        };
-        assert_eq!(o.keys_path.as_deref(), Some(Path::new("/k")));
-        assert!(matches!(o.output, OutputMode::Spool { .. }));
-        let Command::Run(o) = parse_args(os(&["-decryption-keys-path=/k", "--stream"])).unwrap() else {
-            panic!()
-        };
-        assert_eq!(o.keys_path.as_deref(), Some(Path::new("/k")));
-        assert_eq!(o.output, OutputMode::Stream);
-        let Command::Run(o) = parse_args(os(&["--spool-dir", "/s"])).unwrap() else {
-            panic!()
-        };
-        assert_eq!(o.output, OutputMode::Spool { dir: "/s".into() });
-        assert_eq!(o.keys_path, None);
-        assert_eq!(parse_args(os(&["--help"])).unwrap(), Command::Help);
-        assert_eq!(parse_args(os(&["--version"])).unwrap(), Command::Version);
-        for bad in [
-            &["--nope"][..],
-            &["x"],
-            &["--decryption-keys-path"],
-            &["--stream", "--spool-dir", "/s"],
-            &["--stream=1"],
-        ] {
-            assert!(
-                matches!(parse_args(os(bad)), Err(DecoderError::Usage(_))),
-                "{bad:?}"
-            );
-        }
     }
 
     #[test]

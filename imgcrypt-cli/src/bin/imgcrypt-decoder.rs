@@ -1,6 +1,7 @@
 //! `imgcrypt-decoder`: containerd stream processor decrypting ocicrypt layers (a drop-in for
-//! imgcrypt's `ctd-decoder`). All logic is in [`ocicrypt_core::stream_processor`].
+//! imgcrypt's `ctd-decoder`). The process plumbing is [`imgcrypt_cli::decoder`], the decrypt
+//! logic [`ocicrypt_core::stream_processor`].
 
 fn main() -> std::process::ExitCode {
-    ocicrypt_core::stream_processor::main()
+    imgcrypt_cli::decoder::main()
 }

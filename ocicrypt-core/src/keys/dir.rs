@@ -14,11 +14,25 @@
 //! * [`read_key_dir_lenient`] is for our own decryption (`imgcrypt decrypt --key-dir`): it
 //!   takes every private key we can use (SEC1 PEM included), and lists every other file in
 //!   [`KeyDir::skipped`] with the reason instead of failing.
+//!
+//! Both read without races against a writer such as keysync-agent, which replaces a key by
+//! renaming a complete file over it: every entry is opened exactly once, relative to its open
+//! parent directory, with `O_NOFOLLOW | O_NONBLOCK` (a symbolic link is refused by the open
+//! itself, a FIFO swapped in cannot block it), and what was opened is checked with `fstat`
+//! (regular files only, read up to [`MAX_KEY_FILE_SIZE`]). An entry that vanishes between the
+//! listing and the open is absent, as if the listing had come a moment later; it never makes
+//! the whole directory look missing.
 
-use std::fs;
+use std::ffi::{CStr, CString};
+use std::io::Read as _;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
-use super::parse::{is_encrypted_pkcs8_der, openpgp_tag, read_key_file, sniff_non_key};
+use rustix::fs::{Dir, FileType, Mode, OFlags};
+use rustix::io::Errno;
+
+use super::parse::{is_encrypted_pkcs8_der, openpgp_tag, sniff_non_key, MAX_KEY_FILE_SIZE};
 use super::{KeyError, PrivateKey};
 use crate::keys::pem;
 
@@ -217,7 +231,8 @@ pub struct SkippedKeyFile {
 /// PKCS#8) or any other file makes the whole read fail with an error naming the file.
 ///
 /// A missing directory is an [`KeyError::Io`] error with `NotFound` (CRI-O treats it as
-/// empty; check [`KeyError::is_not_found`] to do the same).
+/// empty; check [`KeyError::is_not_found`] to do the same). Only the directory itself gives
+/// that error: an entry that vanishes during the walk is simply absent.
 ///
 /// # Errors
 /// [`KeyError::Io`], [`KeyError::Symlink`], [`KeyError::UnusableKeyFile`].
@@ -237,26 +252,100 @@ pub fn read_key_dir_lenient(dir: &Path) -> Result<KeyDir, KeyError> {
 }
 
 fn read(dir: &Path, strict: bool) -> Result<KeyDir, KeyError> {
-    let meta = fs::symlink_metadata(dir).map_err(|source| KeyError::Io {
+    let io = |source: std::io::Error| KeyError::Io {
         path: dir.to_owned(),
         source,
-    })?;
-    if meta.file_type().is_symlink() {
-        return Err(KeyError::Symlink { path: dir.to_owned() });
-    }
-    if !meta.is_dir() {
-        return Err(KeyError::Io {
-            path: dir.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
-        });
-    }
+    };
+    let fd = match rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::LOOP) => return Err(KeyError::Symlink { path: dir.to_owned() }),
+        Err(Errno::NOTDIR) => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a directory",
+            )))
+        }
+        Err(e) => return Err(io(e.into())),
+    };
     let mut out = KeyDir::default();
     let mut count = 0;
-    walk(dir, 0, strict, &mut out, &mut count)?;
+    walk(&fd, dir, 0, strict, &mut out, &mut count)?;
     Ok(out)
 }
 
-fn walk(dir: &Path, depth: usize, strict: bool, out: &mut KeyDir, count: &mut usize) -> Result<(), KeyError> {
+/// How an entry of a key directory opened.
+enum Opened {
+    /// It vanished between the listing and the open (a key rotated by rename): absent.
+    Gone,
+    /// A symbolic link (`O_NOFOLLOW` refused it).
+    Symlink,
+    /// Neither a regular file nor a directory.
+    Other,
+    /// A directory, open.
+    Dir(OwnedFd),
+    /// A regular file, open.
+    File(std::fs::File),
+}
+
+/// Opens `name` once, without following a symbolic link and without blocking (a FIFO swapped
+/// in would otherwise hang the open), then checks what was opened with `fstat`: whatever the
+/// name pointed to before, only the object actually opened is read.
+fn open_entry(dirfd: &OwnedFd, name: &CStr, hint: FileType) -> Result<Opened, std::io::Error> {
+    // Devices, sockets and FIFOs listed as such are not even opened.
+    if !matches!(
+        hint,
+        FileType::RegularFile | FileType::Directory | FileType::Symlink | FileType::Unknown
+    ) {
+        return Ok(Opened::Other);
+    }
+    let fd = match rustix::fs::openat(
+        dirfd,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(Opened::Gone),
+        Err(Errno::LOOP) => return Ok(Opened::Symlink),
+        // A socket, or a FIFO opened for writing elsewhere: not a key file either way.
+        Err(Errno::NXIO) => return Ok(Opened::Other),
+        Err(e) => return Err(e.into()),
+    };
+    let st = rustix::fs::fstat(&fd)?;
+    Ok(match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => Opened::Dir(fd),
+        FileType::RegularFile => Opened::File(std::fs::File::from(fd)),
+        _ => Opened::Other,
+    })
+}
+
+/// Names in an open directory (without `.` and `..`), sorted, with the type the listing gives.
+fn list(dirfd: &OwnedFd) -> Result<Vec<(CString, FileType)>, std::io::Error> {
+    let mut out = Vec::new();
+    for entry in Dir::read_from(dirfd)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        out.push((name.to_owned(), entry.file_type()));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn walk(
+    dirfd: &OwnedFd,
+    dir: &Path,
+    depth: usize,
+    strict: bool,
+    out: &mut KeyDir,
+    count: &mut usize,
+) -> Result<(), KeyError> {
     let io = |path: &Path, source| KeyError::Io {
         path: path.to_owned(),
         source,
@@ -267,13 +356,9 @@ fn walk(dir: &Path, depth: usize, strict: bool, out: &mut KeyDir, count: &mut us
             std::io::Error::other(format!("key directory nested deeper than {MAX_DEPTH} levels")),
         ));
     }
-    let mut entries = fs::read_dir(dir)
-        .map_err(|e| io(dir, e))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| io(dir, e))?;
-    entries.sort();
-    for path in entries {
+    let entries = list(dirfd).map_err(|e| io(dir, e))?;
+    for (name, hint) in entries {
+        let path = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
         let skip = |out: &mut KeyDir, reason: String| -> Result<(), KeyError> {
             if strict {
                 Err(KeyError::UnusableKeyFile {
@@ -288,23 +373,25 @@ fn walk(dir: &Path, depth: usize, strict: bool, out: &mut KeyDir, count: &mut us
                 Ok(())
             }
         };
-        let meta = fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            if strict {
-                return Err(KeyError::Symlink { path });
+        let file = match open_entry(dirfd, &name, hint).map_err(|e| io(&path, e))? {
+            Opened::Gone => continue,
+            Opened::Symlink => {
+                if strict {
+                    return Err(KeyError::Symlink { path });
+                }
+                skip(out, "a symbolic link (not followed in key directories)".into())?;
+                continue;
             }
-            skip(out, "a symbolic link (not followed in key directories)".into())?;
-            continue;
-        }
-        if ft.is_dir() {
-            walk(&path, depth + 1, strict, out, count)?;
-            continue;
-        }
-        if !ft.is_file() {
-            skip(out, "not a regular file".into())?;
-            continue;
-        }
+            Opened::Other => {
+                skip(out, "not a regular file".into())?;
+                continue;
+            }
+            Opened::Dir(sub) => {
+                walk(&sub, &path, depth + 1, strict, out, count)?;
+                continue;
+            }
+            Opened::File(f) => f,
+        };
         *count += 1;
         if *count > MAX_FILES {
             return Err(io(
@@ -312,7 +399,7 @@ fn walk(dir: &Path, depth: usize, strict: bool, out: &mut KeyDir, count: &mut us
                 std::io::Error::other(format!("key directory holds more than {MAX_FILES} files")),
             ));
         }
-        let bytes = match read_regular_file(&path, &meta) {
+        let bytes = match read_bounded(file, &path) {
             Ok(b) => b,
             Err(KeyError::Unsupported { found, .. }) => {
                 skip(out, found)?;
@@ -351,19 +438,20 @@ fn walk(dir: &Path, depth: usize, strict: bool, out: &mut KeyDir, count: &mut us
     Ok(())
 }
 
-/// Reads a file found by the walk, checking it is still the same regular file (no swap for a
-/// symbolic link between the `lstat` and the `open`).
-fn read_regular_file(path: &Path, lmeta: &fs::Metadata) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let bytes = read_key_file(path)?;
-    let meta = fs::metadata(path).map_err(|source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    if meta.dev() != lmeta.dev() || meta.ino() != lmeta.ino() {
-        return Err(KeyError::Symlink {
+/// Reads an opened key file, at most [`MAX_KEY_FILE_SIZE`] bytes.
+fn read_bounded(f: std::fs::File, path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    f.take(MAX_KEY_FILE_SIZE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| KeyError::Io {
             path: path.to_owned(),
+            source,
+        })?;
+    if buf.len() as u64 > MAX_KEY_FILE_SIZE {
+        return Err(KeyError::Unsupported {
+            source_name: path.display().to_string(),
+            found: format!("a file larger than {MAX_KEY_FILE_SIZE} bytes (no key is that big)"),
         });
     }
-    Ok(bytes)
+    Ok(buf)
 }

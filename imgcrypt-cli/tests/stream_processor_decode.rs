@@ -121,7 +121,7 @@ fn missing_or_garbled_payload() {
     let opts = options(None, spool(scratch.path()));
     let run = |bytes: &[u8]| {
         let mut out = Vec::new();
-        let r = ocicrypt_core::stream_processor::run(&opts, None, bytes, Vec::new(), &b"x"[..], &mut out);
+        let r = ocicrypt_core::stream_processor::run(&opts, Some(GZIP_ENC), bytes, Vec::new(), &b"x"[..], &mut out);
         assert!(out.is_empty());
         r.unwrap_err()
     };
@@ -255,14 +255,15 @@ fn tampered_layer_fails_and_nothing_unverified_is_released() {
     // The spool directory is left empty (unnamed temporary file).
     assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
 
-    // Truncated input fails the same way.
+    // Truncated input fails too, saying so.
     ct[mid] ^= 1;
-    let (_, r) = decode(
+    let (out, r) = decode(
         &payload,
         &options(Some(dir.path()), spool(scratch.path())),
         &ct[..ct.len() - 1],
     );
-    assert!(matches!(r, Err(DecoderError::Tampered { .. })));
+    assert!(matches!(r, Err(DecoderError::ShortInput { .. })), "{r:?}");
+    assert!(out.is_empty());
     // And the untampered layer decrypts in both modes.
     for mode in [spool(scratch.path()), OutputMode::Stream] {
         let (out, r) = decode(&payload, &options(Some(dir.path()), mode), &ct);

@@ -17,7 +17,7 @@ use ocicrypt_core::{AsyncKeyWrapper, PrivateLayerOptions, PublicLayerOptions};
 use testkit::image::{manifest, read_blob};
 
 pub fn vectors() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ocicrypt-core/tests/data/vectors")
 }
 
 pub fn vector_key(name: &str) -> PathBuf {
@@ -183,7 +183,7 @@ pub fn child_main() {
     let Ok(args) = std::env::var(CHILD_ENV) else {
         return;
     };
-    use ocicrypt_core::stream_processor as sp;
+    use imgcrypt_cli::decoder as sp;
     let args = args
         .split('\u{1f}')
         .filter(|a| !a.is_empty())
