@@ -307,29 +307,42 @@ fn item12_key_rotated_by_rename_while_the_decoder_reads() {
 
 /// A FIFO swapped in under a key's name is never opened in a way that blocks: every read of
 /// the directory finishes (with an error naming the FIFO, or with the key); it does not hang.
+/// Before, the name was checked, then opened: a FIFO renamed in between blocked the open forever.
 #[test]
 fn item12_fifo_swapped_in_does_not_hang() {
-    const SWAPS: usize = 1000;
+    const SWAPS: usize = 2000;
     let (_, _, _, dir) = layer();
     let staging = tempfile::tempdir_in(dir.path().parent().unwrap()).unwrap();
     let root = dir.path().to_owned();
     let key = read(&vector_key("rsa.pem"));
+    // Everything staged first, so that the swaps are bare renames.
+    let fifos: Vec<_> = (0..SWAPS).map(|i| staging.path().join(format!("fifo-{i}"))).collect();
+    assert!(std::process::Command::new("mkfifo")
+        .args(&fifos)
+        .status()
+        .unwrap()
+        .success());
+    let files: Vec<_> = (0..SWAPS)
+        .map(|i| {
+            let p = staging.path().join(format!("key-{i}"));
+            std::fs::write(&p, &key).unwrap();
+            p
+        })
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (root, staging, stop) = (root.clone(), staging.path().to_owned(), stop.clone());
+        let (root, stop) = (root.clone(), stop.clone());
         std::thread::spawn(move || {
-            for i in 0..SWAPS {
+            for (fifo, file) in fifos.iter().zip(&files) {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let fifo = staging.join(format!("fifo-{i}"));
-                assert!(std::process::Command::new("mkfifo")
-                    .arg(&fifo)
-                    .status()
-                    .unwrap()
-                    .success());
-                std::fs::rename(&fifo, root.join("rsa.pem")).unwrap();
-                rotate(&staging, &root, "rsa.pem", &key, i);
+                std::fs::rename(fifo, root.join("rsa.pem")).unwrap();
+                std::fs::rename(file, root.join("rsa.pem")).unwrap();
+                // Mostly a regular file, a FIFO for an instant: the window of the old race.
+                for _ in 0..20 {
+                    std::thread::yield_now();
+                }
             }
             stop.store(true, Ordering::SeqCst);
         })
@@ -338,20 +351,21 @@ fn item12_fifo_swapped_in_does_not_hang() {
     {
         let (root, stop) = (root.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut errors = 0usize;
+            let (mut reads, mut errors) = (0usize, 0usize);
             while !stop.load(Ordering::SeqCst) {
+                reads += 1;
                 if ocicrypt_core::keys::read_key_dir(&root).is_err() {
                     errors += 1;
                 }
             }
-            let _ = tx.send(errors);
+            let _ = tx.send((reads, errors));
         });
     }
     match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok(errors) => eprintln!("{errors} reads refused the FIFO"),
+        Ok((reads, errors)) => eprintln!("{reads} reads, {errors} refused the FIFO"),
         Err(_) => {
             stop.store(true, Ordering::SeqCst);
-            // Unblock the stuck reader (a writer on the FIFO completes its open).
+            // Unblock the stuck reader: opening the FIFO for writing completes its open.
             let _ = std::fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(0o4000)
