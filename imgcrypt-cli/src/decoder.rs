@@ -12,8 +12,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use ocicrypt_core::stream_processor::{
-    key_provider_unwrappers, read_payload, Decoder, DecoderError, DecoderOptions, Outcome, OutputMode, Payload,
-    KEYPROVIDER_CONFIG_ENV, MEDIA_TYPE_ENV,
+    key_provider_unwrappers, read_payload, Decoder, DecoderError, DecoderOptions, Outcome, OutputMode,
+    Payload, KEYPROVIDER_CONFIG_ENV, MEDIA_TYPE_ENV,
 };
 
 /// Where the payload file descriptor (fd 3) is opened from, without `unsafe`.
@@ -217,8 +217,14 @@ pub fn run_process<W: Write + Send>(
         .as_fd()
         .try_clone_to_owned()
         .map(File::from)
-        .map_err(|source| DecoderError::Io { context: "stdin".into(), source })?;
-    let output = open_output().map_err(|source| DecoderError::Io { context: "stdout".into(), source })?;
+        .map_err(|source| DecoderError::Io {
+            context: "stdin".into(),
+            source,
+        })?;
+    let output = open_output().map_err(|source| DecoderError::Io {
+        context: "stdout".into(),
+        source,
+    })?;
     Decoder::new(payload, env_media_type.as_deref(), options)?
         .with_unwrappers(providers)
         .decrypt(stdin, output)

@@ -121,7 +121,14 @@ fn missing_or_garbled_payload() {
     let opts = options(None, spool(scratch.path()));
     let run = |bytes: &[u8]| {
         let mut out = Vec::new();
-        let r = ocicrypt_core::stream_processor::run(&opts, Some(GZIP_ENC), bytes, Vec::new(), &b"x"[..], &mut out);
+        let r = ocicrypt_core::stream_processor::run(
+            &opts,
+            Some(GZIP_ENC),
+            bytes,
+            Vec::new(),
+            &b"x"[..],
+            &mut out,
+        );
         assert!(out.is_empty());
         r.unwrap_err()
     };

@@ -780,10 +780,7 @@ impl ParsedJwe {
                     if !small {
                         return Err(malformed("bad \"epk\" header (not a small object of strings)"));
                     }
-                    Some(
-                        Epk::deserialize(v)
-                            .map_err(|e| malformed(format!("bad \"epk\" header ({e})")))?,
-                    )
+                    Some(Epk::deserialize(v).map_err(|e| malformed(format!("bad \"epk\" header ({e})")))?)
                 }
                 (Ok(a), None) if !a.is_rsa() => {
                     return Err(malformed(format!("{a} recipient without \"epk\"")))

@@ -422,11 +422,13 @@ impl Payload {
     pub fn from_json(json: &[u8]) -> Result<Payload, DecoderError> {
         let bad = |reason: String| DecoderError::PayloadJson { reason };
         // serde_json's syntax errors give a line and column, never the input.
-        let tree = WipedJson(
-            serde_json::from_slice::<serde_json::Value>(json).map_err(|e| bad(syntax_error(&e)))?,
-        );
+        let tree =
+            WipedJson(serde_json::from_slice::<serde_json::Value>(json).map_err(|e| bad(syntax_error(&e)))?);
         let Some(top) = tree.0.as_object() else {
-            return Err(bad(format!("the payload is {}, not an object", json_kind(&tree.0))));
+            return Err(bad(format!(
+                "the payload is {}, not an object",
+                json_kind(&tree.0)
+            )));
         };
         let decrypt_config = match top.get("DecryptConfig") {
             None | Some(serde_json::Value::Null) => DecryptConfig::default(),
@@ -580,9 +582,8 @@ fn parse_parameters(v: Option<&serde_json::Value>) -> Result<BTreeMap<String, Ve
             vals.push(match item {
                 Value::Null => Vec::new(),
                 // The decode error names a character and its offset: not repeated.
-                Value::String(s) => decode_b64(s).map_err(|_| {
-                    format!("DecryptConfig.Parameters[{name:?}][{i}] is not base64")
-                })?,
+                Value::String(s) => decode_b64(s)
+                    .map_err(|_| format!("DecryptConfig.Parameters[{name:?}][{i}] is not base64"))?,
                 other => {
                     return Err(format!(
                         "DecryptConfig.Parameters[{name:?}][{i}] is {}, not a base64 string",
@@ -1001,11 +1002,7 @@ fn summarize(attempts: &[Attempt]) -> String {
         .collect();
     let mut line = shown.join("; ");
     if counts.len() > MAX_REASONS {
-        let hidden: usize = order
-            .iter()
-            .skip(MAX_REASONS)
-            .map(|s| counts[s])
-            .sum::<usize>()
+        let hidden: usize = order.iter().skip(MAX_REASONS).map(|s| counts[s]).sum::<usize>()
             + counts
                 .iter()
                 .filter(|(s, _)| !order.contains(s))
