@@ -815,8 +815,10 @@ impl Decoder {
     /// Checks the payload against containerd's media type and gathers the keys.
     ///
     /// # Errors
-    /// [`DecoderError::NotEncrypted`], [`DecoderError::MediaTypeMismatch`],
-    /// [`DecoderError::NotOcicrypt`], and the errors of [`KeySet::gather`].
+    /// [`DecoderError::NotEncrypted`], [`DecoderError::MissingMediaType`],
+    /// [`DecoderError::MediaTypeMismatch`], [`DecoderError::NotOcicrypt`],
+    /// [`DecoderError::NoSize`], [`DecoderError::BadDigest`], and the errors of
+    /// [`KeySet::gather`].
     pub fn new(
         payload: Payload,
         env_media_type: Option<&str>,
@@ -896,7 +898,8 @@ impl Decoder {
     ///
     /// # Errors
     /// [`DecoderError::NoKey`], [`DecoderError::WrongKeys`], [`DecoderError::Options`],
-    /// [`DecoderError::Tampered`], [`DecoderError::Io`].
+    /// [`DecoderError::Tampered`], [`DecoderError::ShortInput`],
+    /// [`DecoderError::DigestMismatch`], [`DecoderError::Io`].
     pub fn decrypt<R: Read, W: Write + Send>(self, input: R, output: W) -> Result<Outcome, DecoderError> {
         let digest = self.payload.descriptor.digest.clone();
         let annotations = &self.payload.descriptor.annotations;

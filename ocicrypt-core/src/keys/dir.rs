@@ -262,12 +262,15 @@ fn read(dir: &Path, strict: bool) -> Result<KeyDir, KeyError> {
         Mode::empty(),
     ) {
         Ok(fd) => fd,
-        Err(Errno::LOOP) => return Err(KeyError::Symlink { path: dir.to_owned() }),
-        Err(Errno::NOTDIR) => {
+        // With O_DIRECTORY, Linux refuses a symbolic link with ENOTDIR rather than ELOOP.
+        Err(Errno::LOOP | Errno::NOTDIR) => {
+            if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(KeyError::Symlink { path: dir.to_owned() });
+            }
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "not a directory",
-            )))
+            )));
         }
         Err(e) => return Err(io(e.into())),
     };
