@@ -509,3 +509,75 @@ fn item13_media_type_variable_is_required() {
         assert!(msg.contains("STREAM_PROCESSOR_MEDIATYPE"), "{msg}");
     }
 }
+
+/// The decoder half of "no secret on stderr": the real `imgcrypt-decoder` binary, payload on a
+/// real fd 3, fed wrong-typed parameters, malformed keys and wrong passwords. Its stderr is one
+/// line and holds no piece of a key body or password.
+#[test]
+fn item11_decoder_binary_stderr_carries_no_secret() {
+    let (payload, ct, _, dir) = layer();
+    let key_pem = String::from_utf8(read(&vector_key("rsa.pem"))).unwrap();
+    let enc_pem = read(&vector_key("rsa.enc.pem"));
+    let body: String = key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let secret_label = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQ";
+    let odd = format!("-----BEGIN {secret_label}-----\nAAAA\n-----END {secret_label}-----\n");
+    let password = "S3cretPassw0rd";
+    let cases = [
+        format!("{{\"privkeys\":\"{}\"}}", b64(key_pem.as_bytes())),
+        format!(
+            "{{\"privkeys\":[\"{}\"],\"privkeys-passwords\":\"{password}\"}}",
+            b64(&enc_pem)
+        ),
+        format!(
+            "{{\"privkeys\":[\"{}\"],\"privkeys-passwords\":[\"{}\"]}}",
+            b64(&enc_pem),
+            b64(password.as_bytes())
+        ),
+        format!(
+            "{{\"privkeys\":[\"{}\"],\"privkeys-passwords\":[\"{password}!\"]}}",
+            b64(&enc_pem)
+        ),
+        format!("{{\"privkeys\":[\"{}\"]}}", b64(odd.as_bytes())),
+        format!(
+            "{{\"privkeys\":[\"{}\"]}}",
+            b64(&key_pem.as_bytes()[..key_pem.len() / 2])
+        ),
+    ];
+    let secrets = [body.as_str(), password, secret_label];
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, params) in cases.iter().enumerate() {
+        let pfile = tmp.path().join(format!("payload-{i}"));
+        std::fs::write(&pfile, payload_json(&payload, params)).unwrap();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$0\" --decryption-keys-path \"$1\" 3<\"$2\"")
+            .arg(env!("CARGO_BIN_EXE_imgcrypt-decoder"))
+            .arg(dir.path())
+            .arg(&pfile)
+            .env("STREAM_PROCESSOR_MEDIATYPE", TAR_ENC)
+            .env_remove("OCICRYPT_KEYPROVIDER_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let data = ct.clone();
+        let feeder = std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut stdin, &data);
+        });
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i}: {err}");
+        assert!(out.stdout.is_empty(), "case {i}");
+        assert_eq!(err.lines().count(), 1, "case {i}: {err}");
+        assert!(err.starts_with("imgcrypt-decoder: "), "case {i}: {err}");
+        for s in secrets {
+            for w in s.as_bytes().windows(10) {
+                let w = std::str::from_utf8(w).unwrap();
+                assert!(!err.contains(w), "case {i}: {w:?} of a secret in: {err}");
+            }
+        }
+    }
+}
