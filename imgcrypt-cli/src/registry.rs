@@ -375,12 +375,21 @@ impl RegistryImage {
 
     async fn pick_scheme(&mut self) {
         let https = format!("{}/v2/", self.base);
-        if self.client.get(&https).send().await.is_ok() {
+        // Bounded: a plain-HTTP server may wait for a request line that a ClientHello never ends.
+        let ping = Duration::from_secs(10).min(self.stall);
+        if self.client.get(&https).timeout(ping).send().await.is_ok() {
             return;
         }
         // Any HTTP answer (even an error status) means the registry speaks plain HTTP.
         let http_base = format!("http://{}", self.r.api_host());
-        if self.client.get(format!("{http_base}/v2/")).send().await.is_ok() {
+        if self
+            .client
+            .get(format!("{http_base}/v2/"))
+            .timeout(ping)
+            .send()
+            .await
+            .is_ok()
+        {
             if let Ok(origin) = reqwest::Url::parse(&http_base) {
                 tracing::debug!("registry {}: plain HTTP", self.r.host);
                 self.base = http_base;
