@@ -151,15 +151,18 @@ pub enum Command {
     Encrypt(EncryptArgs),
     /// Decrypt the layers of an image.
     Decrypt(DecryptArgs),
-    /// Add or remove recipients of an encrypted image, without re-encrypting layer data.
+    /// Add, remove or set the recipients of an encrypted image, without re-encrypting layer data.
     #[command(subcommand)]
     Recipients(RecipientsCommand),
     /// Show which layers are encrypted, and for which schemes and recipients.
     Inspect(InspectArgs),
     /// Check that keys can decrypt every encrypted layer (no layer data is read).
     Check(CheckArgs),
-    /// Generate a key pair (private key PEM 0600, public key PEM).
+    /// Generate a key pair (private key PEM 0600, public key PEM) and print its key id.
     Keygen(KeygenArgs),
+    /// Print the key id (RFC 7638 JWK thumbprint) of public or private key files: the id
+    /// `inspect` shows for each recipient of a layer.
+    KeyId(KeyIdArgs),
     /// IBM Key Protect helpers for `kp-key` Secrets (wrap a private key, unwrap it back).
     #[command(subcommand)]
     Kp(KpCommand),
@@ -244,18 +247,53 @@ pub struct DecryptArgs {
     pub dst: String,
 }
 
-/// `recipients add|remove`.
+/// `recipients add|remove|set`.
 #[derive(Debug, Subcommand)]
 pub enum RecipientsCommand {
     /// Add recipients: unwrap each layer key with --key, wrap it for the new --recipient too.
+    /// Recipients a layer already has are skipped (and reported).
     Add(RecipientsArgs),
-    /// Keep only the listed recipients: unwrap each layer key with --key and wrap it for exactly
-    /// the --recipient list. A removed party that kept a copy of the image or its layer keys can
+    /// Remove exactly the listed recipients (found by key id; no private key needed); everyone
+    /// else keeps access. A removed party that kept a copy of the image or its layer keys can
     /// still decrypt that copy: real revocation means decrypt and encrypt again.
-    Remove(RecipientsArgs),
+    Remove(RemoveArgs),
+    /// Replace all recipients with exactly the --recipient list: unwrap each layer key with
+    /// --key and wrap it for those only. Use it to re-key images whose entries carry no key
+    /// ids (written by skopeo).
+    Set(RecipientsArgs),
 }
 
-/// Arguments of `recipients add|remove`.
+/// Arguments of `recipients remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// Registry access.
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// Layers processed at once (default 4).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Private keys: not needed (accepted for compatibility, unused).
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// A recipient to remove: jwe:PUBLIC_KEY_FILE (or its private key file), or id:KEY_ID as
+    /// `inspect` shows it (repeat for several).
+    #[arg(
+        long = "recipient",
+        alias = "encryption-key",
+        value_name = "RECIPIENT",
+        required = true
+    )]
+    pub recipients: Vec<String>,
+    /// Layers and platforms.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// The image.
+    pub image: String,
+    /// Where to write the result (default: IMAGE itself).
+    pub dst: Option<String>,
+}
+
+/// Arguments of `recipients add|set`.
 #[derive(Debug, Args)]
 pub struct RecipientsArgs {
     /// Registry access.
@@ -267,7 +305,7 @@ pub struct RecipientsArgs {
     /// Private keys.
     #[command(flatten)]
     pub keys: KeyArgs,
-    /// A recipient to add (add) or keep (remove): jwe:FILE or provider:NAME[:PARAM].
+    /// A recipient to add (add) or to have (set): jwe:FILE or provider:NAME[:PARAM].
     #[arg(
         long = "recipient",
         alias = "encryption-key",
@@ -324,6 +362,14 @@ pub struct KeygenArgs {
     pub force: bool,
     /// The private key file to write.
     pub out: PathBuf,
+}
+
+/// `key-id`.
+#[derive(Debug, Args)]
+pub struct KeyIdArgs {
+    /// Key files: public (PEM, DER, JWK, certificate) or unencrypted private keys.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 /// `kp wrap|unwrap` (Key Protect from IMGCRYPT_KEYPROTECT_CONFIG or KP_URL, KP_INSTANCE_ID, KP_APIKEY).

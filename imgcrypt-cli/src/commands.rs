@@ -57,6 +57,7 @@ pub async fn execute(cfg: Config, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             keys,
             platforms,
         } => check(&image, &access, keys, platforms, ctx).await,
+        Config::KeyId { files } => key_id(&files, ctx),
         Config::Keygen {
             kind,
             private,
@@ -153,6 +154,14 @@ fn archive_dest(r: &ImageRef, path: &Path, kind: ArchiveKind) -> Result<Arc<dyn 
         .map_err(|e| CliError::new(ErrorKind::BadReference, format!("destination {r}: {e}")))
 }
 
+/// Whether two paths name the same directory (the second may not exist yet).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 fn human_size(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -173,8 +182,78 @@ fn short(d: &str) -> String {
     format!("sha256:{}", &hex[..hex.len().min(12)])
 }
 
+/// The key id (RFC 7638 thumbprint) of a key file: a public key, or an unencrypted private key.
+///
+/// # Errors
+/// [`ErrorKind::KeyFile`] when the file holds neither.
+pub fn key_file_id(path: &Path) -> Result<String, CliError> {
+    match keys::PublicKey::from_file(path) {
+        Ok(k) => Ok(k.thumbprint()),
+        Err(public_err) => match keys::PrivateKey::from_file(path, None) {
+            Ok(k) => Ok(k.thumbprint()),
+            Err(keys::KeyError::NeedsPassword { .. }) => Err(CliError::new(
+                ErrorKind::KeyFile,
+                format!("{}: an encrypted private key", path.display()),
+            )
+            .hint("use its public key file instead (its id is the same)")),
+            Err(_) => Err(CliError::from(public_err)),
+        },
+    }
+}
+
+fn key_id(files: &[std::path::PathBuf], ctx: &mut Ctx<'_>) -> Result<(), CliError> {
+    let mut out = Vec::new();
+    for f in files {
+        out.push((f.display().to_string(), key_file_id(f)?));
+    }
+    if ctx.output.json {
+        ctx.json(&json!(out
+            .iter()
+            .map(|(f, id)| json!({"file": f, "key_id": id}))
+            .collect::<Vec<_>>()));
+    } else {
+        for (f, id) in &out {
+            if files.len() == 1 {
+                ctx.print(id);
+            } else {
+                ctx.print(&format!("{id}  {f}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names for key ids: `jwe:FILE` for the recipients given on the command line.
+fn recipient_labels(
+    recipients: &[crate::keyspec::RecipientSpec],
+) -> std::collections::BTreeMap<String, String> {
+    recipients
+        .iter()
+        .filter_map(|r| match r {
+            crate::keyspec::RecipientSpec::Jwe(p) => {
+                key_file_id(p).ok().map(|id| (id, format!("jwe:{}", p.display())))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn label(labels: &std::collections::BTreeMap<String, String>, id: &str) -> String {
+    match labels.get(id) {
+        Some(l) => format!("{id} ({l})"),
+        None => id.to_owned(),
+    }
+}
+
 async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     let op_name = t.op.name();
+    let labels = match &t.op {
+        OpSpec::Encrypt { recipients }
+        | OpSpec::AddRecipients { recipients, .. }
+        | OpSpec::SetRecipients { recipients, .. } => recipient_labels(recipients),
+        OpSpec::RemoveRecipients { ids } => ids.iter().cloned().collect(),
+        OpSpec::Decrypt { .. } => Default::default(),
+    };
     let (op, keyctx) = match t.op {
         OpSpec::Encrypt { recipients } => (
             Operation::Encrypt {
@@ -196,10 +275,27 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             let (unwrappers, kc) = schemes::unwrappers(keys)?;
             (Operation::SetRecipients { unwrappers, wrappers }, kc)
         }
+        OpSpec::RemoveRecipients { ids } => (
+            Operation::RemoveRecipients {
+                ids: ids.into_iter().map(|(id, _)| id).collect(),
+            },
+            KeyContext::default(),
+        ),
     };
     let src = open_source(&t.src, &t.src_access).await?;
     // Surface a missing image or an unreachable source before creating anything.
-    src.root().await.map_err(|e| from_core(&e, &keyctx))?;
+    let src_root = src.root().await.map_err(|e| from_core(&e, &keyctx))?;
+    // Writing a layout onto itself: what the replaced image alone used is removed afterwards.
+    let in_place_layout = match (&t.src, &t.dst) {
+        (ImageRef::Layout { path: a, tag }, ImageRef::Layout { path: b, .. }) if same_dir(a, b) => {
+            let layout = OciLayout::open(a, tag.as_deref())
+                .map_err(|e| CliError::new(ErrorKind::BadReference, format!("{}: {e}", t.src)))?;
+            let old = ocicrypt_core::image::gc::reachable(&layout, &src_root)
+                .map_err(|e| from_core(&e, &keyctx))?;
+            Some((layout, old))
+        }
+        _ => None,
+    };
     let dst = open_dest(&t.dst, &t.dst_access).await?;
     let show = ctx.tty && !ctx.output.json && !ctx.output.quiet;
     crate::interrupt::arm(Arc::clone(&dst));
@@ -218,11 +314,40 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
         c.message.push_str(&format!("; {left}"));
         c
     })?;
-    let changed = report.layers.iter().filter(|l| l.action != "kept").count();
+    let pruned = match &in_place_layout {
+        Some((layout, old)) => Some(
+            ocicrypt_core::image::gc::prune_replaced(layout, old).map_err(|e| {
+                let mut c = from_core(&e, &keyctx);
+                c.message = format!(
+                    "{} was written, but removing the blobs only the replaced image used failed: {}",
+                    t.dst, c.message
+                );
+                c
+            })?,
+        ),
+        None => None,
+    };
+    if let (ImageRef::Registry(a), ImageRef::Registry(b)) = (&t.src, &t.dst) {
+        if a.host == b.host && a.repo == b.repo && !ctx.output.quiet && !ctx.output.json {
+            eprintln!(
+                "note: {} now names the new manifest; the replaced manifest {} and the blobs only it used (e.g. plaintext layers, or a removed recipient's wrapped keys) stay in the registry, fetchable by digest, until they are deleted and the registry is garbage-collected",
+                t.dst, src_root.digest()
+            );
+        }
+    }
+    let changed = report
+        .layers
+        .iter()
+        .filter(|l| l.action != "kept" && l.action != "unchanged")
+        .count();
+    let encrypted_seen = report.layers.iter().any(|l| l.recipients.is_some());
     if changed == 0 && !ctx.output.json && !ctx.output.quiet {
         let what = match op_name {
             "encrypt" => "no selected layer could be encrypted",
             "decrypt" => "no selected layer is encrypted",
+            "recipients add" if encrypted_seen => {
+                "every recipient given already has access to every selected layer, so nothing changed"
+            }
             _ => "no selected layer is encrypted, so no recipients changed",
         };
         eprintln!("note: {what}; {} is a copy of {}", t.dst, t.src);
@@ -235,6 +360,7 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             "digest": report.digest,
             "media_type": report.media_type,
             "layers": report.layers,
+            "removed_blobs": pruned.as_ref().map(|p| p.removed.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>()),
         }));
     } else if !ctx.output.quiet {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
@@ -260,8 +386,44 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                 l.action,
                 human_size(l.size)
             ));
+            if !l.removed.is_empty() {
+                let v: Vec<String> = l.removed.iter().map(|id| label(&labels, id)).collect();
+                ctx.print(&format!("    removed: {}", v.join(", ")));
+            }
+            if !l.skipped.is_empty() {
+                let v: Vec<String> = l.skipped.iter().map(|id| label(&labels, id)).collect();
+                ctx.print(&format!(
+                    "    already a recipient, not added again: {}",
+                    v.join(", ")
+                ));
+            }
+            if let Some(r) = &l.recipients {
+                let who: Vec<String> = r
+                    .describe()
+                    .iter()
+                    .map(|d| match d.strip_prefix("jwe:") {
+                        Some(id) if labels.contains_key(id) => format!("jwe:{}", label(&labels, id)),
+                        _ => d.clone(),
+                    })
+                    .collect();
+                ctx.print(&format!("    can decrypt: {}", who.join(", ")));
+            }
         }
         ctx.print(&format!("  result: {} {}", report.media_type, report.digest));
+        if let Some(p) = &pruned {
+            if p.removed.is_empty() {
+                if t.src.to_string() == t.dst.to_string() {
+                    ctx.print("  in place: no blob of the replaced image was removed (the new image or another tag still uses them)");
+                }
+            } else {
+                ctx.print(&format!(
+                    "  in place: removed {} blob(s) ({} layer(s), {}) that only the replaced image used and no other tag uses",
+                    p.removed.len(),
+                    p.layers(),
+                    human_size(p.bytes)
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -326,6 +488,11 @@ async fn inspect(image: &ImageRef, access: &Access, ctx: &mut Ctx<'_>) -> Result
                 human_size(l.size),
                 l.media_type
             ));
+            if let Some(r) = &l.recipients {
+                for who in r.describe() {
+                    ctx.print(&format!("    recipient {who}"));
+                }
+            }
         }
     }
     Ok(())
@@ -423,7 +590,7 @@ async fn check(
             lines.join("\n  ")
         ),
     )
-    .hint("pass the private key of one of the image's recipients; `imgcrypt inspect` shows the schemes");
+    .hint(crate::error::WRONG_KEY_HINT);
     e.details = Some(Box::new(details));
     Err(e)
 }
@@ -498,8 +665,10 @@ fn keygen(
     ctx: &mut Ctx<'_>,
 ) -> Result<(), CliError> {
     keygen_files(kind, private, public, force)?;
+    let id = key_file_id(public)?;
     if ctx.output.json {
         ctx.json(&json!({
+            "key_id": id,
             "type": kind.to_string(),
             "private_key": private.display().to_string(),
             "public_key": public.display().to_string(),
@@ -516,6 +685,9 @@ fn keygen(
             "  public key  {}: encrypt with --recipient jwe:{}",
             public.display(),
             public.display()
+        ));
+        ctx.print(&format!(
+            "  key id      {id} (how `imgcrypt inspect` names this recipient)"
         ));
     }
     Ok(())

@@ -63,6 +63,11 @@ pub enum OpSpec {
         /// Remaining recipients.
         recipients: Vec<RecipientSpec>,
     },
+    /// Remove recipients by key id (no key needed).
+    RemoveRecipients {
+        /// (key id, how the user named it).
+        ids: Vec<(String, String)>,
+    },
 }
 
 impl OpSpec {
@@ -72,7 +77,8 @@ impl OpSpec {
             OpSpec::Encrypt { .. } => "encrypt",
             OpSpec::Decrypt { .. } => "decrypt",
             OpSpec::AddRecipients { .. } => "recipients add",
-            OpSpec::SetRecipients { .. } => "recipients remove",
+            OpSpec::SetRecipients { .. } => "recipients set",
+            OpSpec::RemoveRecipients { .. } => "recipients remove",
         }
     }
 }
@@ -127,6 +133,11 @@ pub enum Config {
         keys: Keys,
         /// Platforms.
         platforms: Vec<String>,
+    },
+    /// key-id.
+    KeyId {
+        /// Key files.
+        files: Vec<PathBuf>,
     },
     /// keygen.
     Keygen {
@@ -355,20 +366,30 @@ impl Config {
                     a.concurrency,
                 )?
             }
+            Command::Recipients(RecipientsCommand::Remove(a)) => {
+                let ids = a
+                    .recipients
+                    .iter()
+                    .map(|r| recipient_id(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let dst = a.dst.as_deref().unwrap_or(&a.image);
+                transform(
+                    &a.image,
+                    dst,
+                    OpSpec::RemoveRecipients { ids },
+                    &a.selection,
+                    &a.transport,
+                    a.concurrency,
+                )?
+            }
             Command::Recipients(rc) => {
                 let (a, add) = match rc {
                     RecipientsCommand::Add(a) => (a, true),
-                    RecipientsCommand::Remove(a) => (a, false),
+                    RecipientsCommand::Set(a) => (a, false),
+                    RecipientsCommand::Remove(_) => unreachable!("handled above"),
                 };
                 let k = keys(&a.keys)?;
-                require_keys(
-                    &k,
-                    if add {
-                        "recipients add"
-                    } else {
-                        "recipients remove"
-                    },
-                )?;
+                require_keys(&k, if add { "recipients add" } else { "recipients set" })?;
                 let r = recipients(&a.recipients)?;
                 let op = if add {
                     OpSpec::AddRecipients {
@@ -402,6 +423,9 @@ impl Config {
                     platforms: a.platforms.clone(),
                 }
             }
+            Command::KeyId(a) => Config::KeyId {
+                files: a.files.clone(),
+            },
             Command::Keygen(a) => {
                 let kind = KeyType::parse(&a.r#type)?;
                 let public = match &a.public {
@@ -438,6 +462,34 @@ impl Config {
             Command::Demo(a) => Config::Demo { dir: a.dir.clone() },
         };
         Ok((cfg, out))
+    }
+}
+
+/// The key id a `recipients remove --recipient` names: `id:KEY_ID`, or the thumbprint of the
+/// key in `jwe:FILE` (a public key, or an unencrypted private key).
+fn recipient_id(spec: &str) -> Result<(String, String), CliError> {
+    if let Some(id) = spec.strip_prefix("id:") {
+        let ok = id.len() == 43
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(CliError::usage(format!(
+                "--recipient {}: a key id is 43 base64url characters, as `imgcrypt inspect` and `imgcrypt key-id` print it",
+                ocicrypt_core::redact::token(id)
+            )));
+        }
+        return Ok((id.to_owned(), spec.to_owned()));
+    }
+    match parse_recipient(spec)? {
+        RecipientSpec::Jwe(path) => Ok((crate::commands::key_file_id(&path)?, spec.to_owned())),
+        _ => Err(CliError::usage(format!(
+            "--recipient {}: only jwe: recipients have key ids to remove by",
+            ocicrypt_core::redact::token(spec)
+        ))
+        .hint(
+            "re-key with `imgcrypt recipients set --key KEY --recipient …` listing the recipients to keep",
+        )),
     }
 }
 

@@ -4,6 +4,7 @@ use std::fmt;
 use std::process::ExitCode;
 
 use ocicrypt_core::keys::KeyError;
+use ocicrypt_core::recipients::RemoveError;
 use ocicrypt_core::Error as CoreError;
 
 use crate::registry::RegistryError;
@@ -196,6 +197,9 @@ pub fn key_error(e: &KeyError) -> CliError {
     CliError::new(ErrorKind::KeyFile, e.to_string()).hint(hint)
 }
 
+/// What to do about a wrong key.
+pub const WRONG_KEY_HINT: &str = "pass the private key of one of the image's recipients: `imgcrypt inspect IMAGE` lists the key ids each layer is encrypted for, `imgcrypt key-id FILE` prints a key file's id";
+
 /// Context for classifying a core error: the keys that were tried, for the message.
 #[derive(Debug, Default, Clone)]
 pub struct KeyContext {
@@ -276,7 +280,7 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
                 attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
             ),
         )
-        .hint("pass the private key matching one of the image's recipients; `imgcrypt inspect IMAGE` shows how the layers are encrypted"),
+        .hint(WRONG_KEY_HINT),
         CoreError::Key(k) => {
             let mut c = key_error(k);
             if let Some(ctx) = &ctx {
@@ -295,6 +299,29 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
             None => CliError::new(ErrorKind::Failure, ocicrypt_core::keywrap::error_chain(e)),
         },
         CoreError::NoRecipients => CliError::usage(root.to_string()),
+        CoreError::Selection(m) => CliError::usage(m.clone()),
+        CoreError::RecipientNotFound { .. } => CliError::usage(root.to_string())
+            .hint("`imgcrypt key-id FILE` prints a key file's id; nothing was changed"),
+        CoreError::Recipients(r) => {
+            let msg = match &ctx {
+                Some(c) => format!("{c}: {r}"),
+                None => r.to_string(),
+            };
+            match r {
+                RemoveError::WithoutIds { .. } => CliError::new(ErrorKind::Failure, msg).hint(
+                    "re-key instead: `imgcrypt recipients set --key KEY --recipient jwe:PUB …` listing everyone who keeps access (after that, entries carry key ids and `remove` works); nothing was changed",
+                ),
+                RemoveError::LastRecipient { .. } => CliError::usage(msg).hint(
+                    "to hand the image to someone else, use `imgcrypt recipients set`; nothing was changed",
+                ),
+                RemoveError::Malformed(_) => CliError::new(ErrorKind::Failure, msg),
+            }
+        }
+        CoreError::AlreadyEncrypted { .. } => CliError::new(
+            ErrorKind::Failure,
+            ocicrypt_core::keywrap::error_chain(e),
+        )
+        .hint("to give more people access to an encrypted image, use `imgcrypt recipients add --key KEY --recipient …`; to encrypt only the plain layers, select them with --layer"),
         _ => CliError::new(ErrorKind::Failure, ocicrypt_core::keywrap::error_chain(e)),
     }
 }

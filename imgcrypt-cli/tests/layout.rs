@@ -241,10 +241,10 @@ fn recipients_add_then_remove() {
     imgcrypt(&["check", "--key", &b, &oci(&img, "v1")]).ok();
     imgcrypt(&["check", "--key", &a, &oci(&img, "v1")]).ok();
 
-    // remove a: keep only b, to another tag.
+    // set: keep only b, to another tag.
     imgcrypt(&[
         "recipients",
-        "remove",
+        "set",
         "--key",
         &b,
         "--recipient",
@@ -329,7 +329,7 @@ fn multiarch_one_platform() {
         &oci(&src, "v1"),
         &oci(&t.path().join("none"), "v1"),
     ])
-    .expect_code(1)
+    .expect_code(2)
     .stderr_has(&["linux/s390x", "linux/amd64"]);
 }
 
@@ -488,7 +488,7 @@ fn error_paths_have_their_own_codes() {
     // Already encrypted: a generic failure naming the layer.
     imgcrypt(&["encrypt", "--recipient", &pubkey, &enc, &out])
         .expect_code(1)
-        .stderr_has(&["already encrypted"]);
+        .stderr_has(&["already encrypted", "hint: ", "recipients add"]);
     assert!(!t.path().join("out").exists());
     // Decrypting a plain image copies it, and says so.
     imgcrypt(&[

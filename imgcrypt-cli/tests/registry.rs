@@ -255,7 +255,7 @@ fn recipients_add_and_remove_in_the_registry() {
     imgcrypt(&[
         NO_TLS,
         "recipients",
-        "remove",
+        "set",
         "--key",
         &a,
         "--recipient",

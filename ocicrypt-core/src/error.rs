@@ -144,6 +144,23 @@ pub enum Error {
     /// Malformed image data (index, manifest, layout).
     #[error("{0}")]
     Image(String),
+    /// A `--platform` or `--layer` selection that selects nothing, or a layer index out of
+    /// range: a usage error, never a silent no-op.
+    #[error("{0}")]
+    Selection(String),
+    /// Recipients to remove that are on no selected layer.
+    #[error("{} {} not a recipient of {image}; its recipients are: {}", missing.join(", "), if missing.len() == 1 { "is" } else { "are" }, if present.is_empty() { "none with a key id".to_owned() } else { present.join(", ") })]
+    RecipientNotFound {
+        /// The image.
+        image: String,
+        /// The ids asked for and not found.
+        missing: Vec<String>,
+        /// The ids that are there.
+        present: Vec<String>,
+    },
+    /// Recipients could not be removed from a layer.
+    #[error(transparent)]
+    Recipients(#[from] crate::recipients::RemoveError),
     /// An I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),

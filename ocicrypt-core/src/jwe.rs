@@ -6,7 +6,11 @@
 //! `RSA-OAEP` (SHA-1), EC → `ECDH-ES+A256KW`, a JWK with `alg` → that alg (one of
 //! [`KeyAlg`]). One recipient → flattened JSON with `alg` (and `epk`, `kid`) and `enc` in the
 //! protected header, exactly the shape go-jose's `FullSerialize` writes; several → general JSON
-//! with `protected` = `{"enc":"A256GCM"}` and a per-recipient `header`. Unlike go-jose we do not
+//! with `protected` = `{"enc":"A256GCM"}` and a per-recipient `header`. Every recipient
+//! carries a `kid`: the RFC 7638 thumbprint of its public key
+//! ([`PublicKey::thumbprint`](crate::keys::PublicKey::thumbprint); a JWK's own `kid` is not
+//! used), which go-jose ignores and which lets [`crate::recipients`] list and remove
+//! recipients without a private key. Unlike go-jose we do not
 //! add the redundant top-level `encrypted_key` to general JSON (RFC 7516 does not allow it;
 //! Go reads both).
 //!
@@ -320,7 +324,7 @@ struct OutHeader<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     epk: Option<Epk>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    kid: Option<&'a str>,
+    kid: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -451,7 +455,7 @@ impl KeyWrapper for JweWrapper {
                 alg: Some(alg.name()),
                 enc: Some(enc.name()),
                 epk: epk.clone(),
-                kid: key.kid(),
+                kid: Some(key.thumbprint()),
             }
         } else {
             OutHeader {
@@ -478,7 +482,7 @@ impl KeyWrapper for JweWrapper {
                         alg: Some(alg.name()),
                         enc: None,
                         epk,
-                        kid: key.kid(),
+                        kid: Some(key.thumbprint()),
                     },
                     encrypted_key: b64e(&ek),
                 })
@@ -494,6 +498,25 @@ impl KeyWrapper for JweWrapper {
             tag: b64e(&tag),
         };
         Ok(serde_json::to_vec(&out).expect("JWE serializes"))
+    }
+
+    fn recipient_ids(&self) -> Vec<String> {
+        self.recipients.iter().map(|(k, _)| k.thumbprint()).collect()
+    }
+
+    fn subset(&self, ids: &[String]) -> Option<std::sync::Arc<dyn crate::AsyncKeyWrapper>> {
+        let recipients: Vec<(PublicKey, KeyAlg)> = self
+            .recipients
+            .iter()
+            .filter(|(k, _)| ids.contains(&k.thumbprint()))
+            .cloned()
+            .collect();
+        (!recipients.is_empty()).then(|| {
+            std::sync::Arc::new(JweWrapper {
+                recipients,
+                enc: self.enc,
+            }) as std::sync::Arc<dyn crate::AsyncKeyWrapper>
+        })
     }
 }
 

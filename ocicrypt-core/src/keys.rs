@@ -63,6 +63,8 @@ mod parse;
 mod pem;
 #[cfg(all(test, feature = "jwe"))]
 mod tests;
+#[cfg(feature = "jwe")]
+mod thumbprint;
 
 #[cfg(feature = "jwe")]
 pub use dir::{

@@ -91,6 +91,16 @@ pub trait KeyWrapper: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`WrapError`].
     fn wrap_keys(&self, optsdata: &[u8]) -> Result<Vec<u8>, WrapError>;
+    /// The ids of the recipients it wraps for, where the scheme has ids (JWE: the RFC 7638
+    /// thumbprints it writes as `kid`); empty when unknown.
+    fn recipient_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// A wrapper for only the recipients with these ids (a subset of
+    /// [`recipient_ids`](Self::recipient_ids)); `None` when the scheme cannot split.
+    fn subset(&self, _ids: &[String]) -> Option<Arc<dyn AsyncKeyWrapper>> {
+        None
+    }
 }
 
 /// Unwraps private options (decrypt side).
@@ -110,6 +120,14 @@ pub trait AsyncKeyWrapper: Send + Sync + fmt::Debug {
     fn scheme(&self) -> &str;
     /// As [`KeyWrapper::wrap_keys`].
     fn wrap_keys<'a>(&'a self, optsdata: &'a [u8]) -> BoxFuture<'a, Result<Vec<u8>, WrapError>>;
+    /// As [`KeyWrapper::recipient_ids`].
+    fn recipient_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// As [`KeyWrapper::subset`].
+    fn subset(&self, _ids: &[String]) -> Option<Arc<dyn AsyncKeyWrapper>> {
+        None
+    }
 }
 
 /// Async variant of [`KeyUnwrapper`], for KMS-backed schemes.
@@ -126,6 +144,12 @@ impl<T: KeyWrapper + ?Sized> AsyncKeyWrapper for T {
     }
     fn wrap_keys<'a>(&'a self, optsdata: &'a [u8]) -> BoxFuture<'a, Result<Vec<u8>, WrapError>> {
         Box::pin(std::future::ready(KeyWrapper::wrap_keys(self, optsdata)))
+    }
+    fn recipient_ids(&self) -> Vec<String> {
+        KeyWrapper::recipient_ids(self)
+    }
+    fn subset(&self, ids: &[String]) -> Option<Arc<dyn AsyncKeyWrapper>> {
+        KeyWrapper::subset(self, ids)
     }
 }
 

@@ -60,6 +60,7 @@ pub mod mediatype;
 pub mod options;
 #[cfg(feature = "jwe")]
 pub mod pkcs7;
+pub mod recipients;
 pub mod redact;
 #[cfg(feature = "jwe")]
 pub mod stream_processor;

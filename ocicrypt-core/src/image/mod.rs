@@ -23,6 +23,7 @@ use crate::keywrap::BoxFuture;
 use crate::Error;
 
 pub mod digest;
+pub mod gc;
 pub mod layout;
 pub mod ops;
 pub mod pipeline;

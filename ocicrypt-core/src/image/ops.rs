@@ -1,7 +1,7 @@
 //! Whole-image operations: encrypt, decrypt, add or replace recipients, inspect, check.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
@@ -15,7 +15,8 @@ use crate::keywrap::{
     self, schemes_present, unwrap_options, wrap_options, AsyncKeyUnwrapper, AsyncKeyWrapper,
 };
 use crate::mediatype::{self as mt, ANNOTATION_PREFIX};
-use crate::options::{decode_b64, PrivateLayerOptions, PublicLayerOptions};
+use crate::options::{PrivateLayerOptions, PublicLayerOptions};
+use crate::recipients::{self, LayerRecipients, RemoveError};
 use crate::Error;
 
 /// What to do to the selected layers.
@@ -50,6 +51,15 @@ pub enum Operation {
         /// The recipients to keep or set.
         wrappers: Vec<Arc<dyn AsyncKeyWrapper>>,
     },
+    /// Remove the recipients with these key ids (RFC 7638 thumbprints, see
+    /// [`crate::recipients`]) from encrypted layers: no private key needed, layer data and the
+    /// other recipients' entries untouched. An id on no selected layer is an error
+    /// ([`Error::RecipientNotFound`]), as is removing a layer's last recipient or removing from
+    /// a layer whose entries carry no ids ([`Error::Recipients`]).
+    RemoveRecipients {
+        /// The ids.
+        ids: Vec<String>,
+    },
 }
 
 /// Which layers and platforms an operation applies to. Empty lists mean "all".
@@ -69,7 +79,7 @@ impl LayerSelection {
         for &l in &self.layers {
             let resolved = if l < 0 { count as i64 + l } else { l };
             if resolved < 0 || resolved >= count as i64 {
-                return Err(Error::Image(format!(
+                return Err(Error::Selection(format!(
                     "layer index {l} is out of range: the image has {count} layers (0..{}, or -1..-{count})",
                     count.saturating_sub(1)
                 )));
@@ -86,12 +96,74 @@ impl LayerSelection {
             return true;
         }
         let Some(p) = platform else { return false };
-        let name = platform_name(p);
+        self.name_selected(&platform_name(p))
+    }
+
+    fn name_selected(&self, name: &str) -> bool {
         self.platforms.iter().any(|want| {
             let want = want.trim_end_matches('/');
             name == want || name.starts_with(&format!("{want}/"))
         })
     }
+
+    /// A `--platform` that matches no manifest of an index is an error, not a no-op.
+    fn check_index(&self, image: &str, manifests: &[Descriptor]) -> Result<(), Error> {
+        if self.platforms.is_empty()
+            || manifests
+                .iter()
+                .any(|d| self.platform_selected(d.platform().as_ref()))
+        {
+            return Ok(());
+        }
+        Err(Error::Selection(format!(
+            "--platform {} matches no manifest of {image}; its platforms are: {}",
+            self.platforms.join(","),
+            manifests
+                .iter()
+                .map(|d| d
+                    .platform()
+                    .as_ref()
+                    .map_or_else(|| "(none)".to_owned(), platform_name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    /// A `--platform` on a single-manifest image must match the platform in its config.
+    async fn check_single(&self, src: &dyn ImageSource, image: &str, manifest: &[u8]) -> Result<(), Error> {
+        if self.platforms.is_empty() {
+            return Ok(());
+        }
+        let m = ImageManifest::from_reader(manifest)
+            .map_err(|e| Error::Image(format!("the manifest of {image} does not parse: {e}")))?;
+        let name = config_platform(src, m.config()).await?;
+        match name {
+            Some(n) if self.name_selected(&n) => Ok(()),
+            other => Err(Error::Selection(format!(
+                "--platform {} does not match {image}, a single-platform image for {}",
+                self.platforms.join(","),
+                other.as_deref().unwrap_or("no platform (its config names none)")
+            ))),
+        }
+    }
+}
+
+/// The `os/arch[/variant]` an image config names, if it names one.
+async fn config_platform(src: &dyn ImageSource, config: &Descriptor) -> Result<Option<String>, Error> {
+    let bytes = src.read_small(config).await?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    Ok(match (field("os"), field("architecture")) {
+        (Some(os), Some(arch)) => Some(match field("variant") {
+            Some(var) => format!("{os}/{arch}/{var}"),
+            None => format!("{os}/{arch}"),
+        }),
+        _ => None,
+    })
 }
 
 /// `os/arch[/variant]` of a platform.
@@ -136,6 +208,15 @@ pub struct LayerReport {
     pub to: String,
     /// Size in bytes.
     pub size: u64,
+    /// Who can decrypt the layer afterwards (encrypted layers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<LayerRecipients>,
+    /// Recipients asked for that the layer already had (`recipients add`: not added again).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+    /// Recipients removed from the layer (`recipients remove`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// What an operation did.
@@ -156,6 +237,17 @@ struct Ctx {
     sel: LayerSelection,
     progress: Arc<dyn Progress>,
     concurrency: usize,
+    /// Ids removed so far ([`Operation::RemoveRecipients`]).
+    found: Mutex<BTreeSet<String>>,
+    /// Ids seen on the layers looked at ([`Operation::RemoveRecipients`]).
+    present: Mutex<BTreeSet<String>>,
+}
+
+/// What happened to a layer's recipients.
+#[derive(Default)]
+struct LayerNote {
+    skipped: Vec<String>,
+    removed: Vec<String>,
 }
 
 /// Runs `op` on the image of `src`, writing the result to `dst`. Layers stream; up to
@@ -180,6 +272,8 @@ pub async fn transform_image(
         sel,
         progress,
         concurrency: concurrency.max(1),
+        found: Mutex::default(),
+        present: Mutex::default(),
     });
     match run(&ctx).await {
         Ok(r) => Ok(r),
@@ -211,28 +305,14 @@ async fn run(ctx: &Arc<Ctx>) -> Result<TransformReport, Error> {
             .map_err(|e| Error::Image(format!("index {} does not parse: {e}", root.digest())))?;
         let mut changed = false;
         let mut children = Vec::new();
-        let mut any_selected = false;
+        ctx.sel.check_index(&ctx.src.describe(), index.manifests())?;
         for child in index.manifests() {
             let selected = ctx.sel.platform_selected(child.platform().as_ref());
-            any_selected |= selected;
             let (desc, bytes, reps) = process_manifest(ctx, child, selected).await?;
             ctx.dst.write_manifest(&bytes, desc.media_type().as_ref()).await?;
             changed |= desc.digest() != child.digest();
             layers.extend(reps);
             children.push(desc);
-        }
-        if !any_selected {
-            return Err(Error::Image(format!(
-                "no manifest of {} matches platform(s) {}; available: {}",
-                ctx.src.describe(),
-                ctx.sel.platforms.join(", "),
-                index
-                    .manifests()
-                    .iter()
-                    .filter_map(|d| d.platform().as_ref().map(platform_name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
         }
         if changed {
             let mut new_index = index.clone();
@@ -246,10 +326,33 @@ async fn run(ctx: &Arc<Ctx>) -> Result<TransformReport, Error> {
             (root.clone(), bytes)
         }
     } else {
+        ctx.sel
+            .check_single(ctx.src.as_ref(), &ctx.src.describe(), &bytes)
+            .await?;
         let (d, b, reps) = process_manifest(ctx, &root, true).await?;
         layers.extend(reps);
         (d, b)
     };
+    if let Operation::RemoveRecipients { ids } = &ctx.op {
+        let found = ctx
+            .found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let missing: Vec<String> = ids.iter().filter(|i| !found.contains(*i)).cloned().collect();
+        if !missing.is_empty() {
+            return Err(Error::RecipientNotFound {
+                image: ctx.src.describe(),
+                missing,
+                present: ctx
+                    .present
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .cloned()
+                    .collect(),
+            });
+        }
+    }
     let mut out_desc = new_desc.clone();
     out_desc.set_annotations(None);
     out_desc.set_platform(None);
@@ -314,9 +417,12 @@ async fn process_manifest(
                 }
             }
             (Operation::Decrypt { .. }, true) if encrypted => Action::Decrypt,
-            (Operation::AddRecipients { .. } | Operation::SetRecipients { .. }, true) if encrypted => {
-                Action::Rewrap
-            }
+            (
+                Operation::AddRecipients { .. }
+                | Operation::SetRecipients { .. }
+                | Operation::RemoveRecipients { .. },
+                true,
+            ) if encrypted => Action::Rewrap,
             _ => Action::Keep,
         };
         actions.push(action);
@@ -354,14 +460,20 @@ async fn process_manifest(
                 })
             }
         });
-    let results: Vec<Result<Descriptor, Error>> = futures::stream::iter(jobs)
+    let results: Vec<Result<(Descriptor, LayerNote), Error>> = futures::stream::iter(jobs)
         .buffered(ctx.concurrency)
         .collect()
         .await;
     let mut new_layers = Vec::with_capacity(count);
     let mut reports = Vec::new();
     for ((res, old), action) in results.into_iter().zip(manifest.layers()).zip(&actions) {
-        let d = res?;
+        let (d, note) = res?;
+        let recipients = if mt::is_encrypted(d.media_type().as_ref()) {
+            LayerRecipients::from_annotations(&annotations_of(&d)).ok()
+        } else {
+            None
+        };
+        let rewrap_changed = *action == Action::Rewrap && d.annotations() != old.annotations();
         reports.push(LayerReport {
             manifest: manifest_digest.clone(),
             platform: platform.clone(),
@@ -370,11 +482,15 @@ async fn process_manifest(
                 Action::Keep => "kept",
                 Action::Encrypt => "encrypted",
                 Action::Decrypt => "decrypted",
-                Action::Rewrap => "rewrapped",
+                Action::Rewrap if rewrap_changed => "rewrapped",
+                Action::Rewrap => "unchanged",
             },
             from: old.digest().to_string(),
             to: d.digest().to_string(),
             size: d.size(),
+            recipients,
+            skipped: note.skipped,
+            removed: note.removed,
         });
         new_layers.push(d);
     }
@@ -454,7 +570,19 @@ fn without_enc(desc: &Descriptor) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Result<Descriptor, Error> {
+async fn process_layer(
+    ctx: &Arc<Ctx>,
+    layer: &Descriptor,
+    action: Action,
+) -> Result<(Descriptor, LayerNote), Error> {
+    let d = match action {
+        Action::Rewrap => return rewrap_layer(ctx, layer).await,
+        _ => process_data(ctx, layer, action).await?,
+    };
+    Ok((d, LayerNote::default()))
+}
+
+async fn process_data(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Result<Descriptor, Error> {
     let id = format!("{}", layer.digest());
     let short = id
         .trim_start_matches("sha256:")
@@ -578,41 +706,85 @@ async fn process_layer(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Re
             ctx.progress.finish(&short);
             Ok(d)
         }
-        Action::Rewrap => {
-            let (unwrappers, wrappers, replace) = match &ctx.op {
-                Operation::AddRecipients { unwrappers, wrappers } => (unwrappers, wrappers, false),
-                Operation::SetRecipients { unwrappers, wrappers } => (unwrappers, wrappers, true),
-                _ => unreachable!("rewrap action only for recipient ops"),
-            };
-            let old = annotations_of(layer);
-            let (private, public) = unwrap_options(&old, unwrappers).await?;
-            let new = wrap_options(&private, &public, wrappers).await?;
-            let mut ann: HashMap<String, String> = if replace {
-                without_enc(layer)
-            } else {
-                layer.annotations().clone().unwrap_or_default()
-            };
-            for (k, v) in new {
-                if k == mt::PUBOPTS_ANNOTATION {
-                    ann.insert(k, v);
-                    continue;
-                }
-                match ann.get_mut(&k) {
-                    Some(existing) if !existing.is_empty() => {
-                        existing.push(',');
-                        existing.push_str(&v);
-                    }
-                    _ => {
-                        ann.insert(k, v);
-                    }
-                }
-            }
+        Action::Rewrap => unreachable!("rewrap is handled by rewrap_layer"),
+    }
+}
+
+/// Changes a layer's recipients (add, set, remove) without touching its data.
+async fn rewrap_layer(ctx: &Arc<Ctx>, layer: &Descriptor) -> Result<(Descriptor, LayerNote), Error> {
+    let old = annotations_of(layer);
+    let mut note = LayerNote::default();
+    let present =
+        LayerRecipients::from_annotations(&old).map_err(|e| Error::Recipients(RemoveError::Malformed(e)));
+    let (unwrappers, wrappers, replace) = match &ctx.op {
+        Operation::RemoveRecipients { ids } => {
+            let present = present?;
+            ctx.present
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(present.ids());
+            let want: BTreeSet<String> = ids.iter().cloned().collect();
+            let r = recipients::remove_from_annotations(&old, &want)?;
+            ctx.found
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(r.removed.iter().cloned());
             copy_blob(ctx, layer).await?;
             let mut d = layer.clone();
-            d.set_annotations(Some(ann));
-            Ok(d)
+            d.set_annotations(Some(r.annotations.into_iter().collect()));
+            note.removed = r.removed.into_iter().collect();
+            return Ok((d, note));
+        }
+        Operation::AddRecipients { unwrappers, wrappers } => {
+            // Recipients the layer already has are not added again.
+            let present = present.map(|p| p.ids()).unwrap_or_default();
+            let mut chosen: Vec<Arc<dyn AsyncKeyWrapper>> = Vec::new();
+            for w in wrappers {
+                let ids = w.recipient_ids();
+                let (have, missing): (Vec<String>, Vec<String>) =
+                    ids.into_iter().partition(|i| present.contains(i));
+                if have.is_empty() {
+                    chosen.push(Arc::clone(w));
+                } else if !missing.is_empty() {
+                    chosen.push(w.subset(&missing).unwrap_or_else(|| Arc::clone(w)));
+                }
+                note.skipped.extend(have);
+            }
+            if chosen.is_empty() {
+                copy_blob(ctx, layer).await?;
+                return Ok((layer.clone(), note));
+            }
+            (unwrappers, chosen, false)
+        }
+        Operation::SetRecipients { unwrappers, wrappers } => (unwrappers, wrappers.clone(), true),
+        _ => unreachable!("rewrap action only for recipient ops"),
+    };
+    let (private, public) = unwrap_options(&old, unwrappers).await?;
+    let new = wrap_options(&private, &public, &wrappers).await?;
+    let mut ann: HashMap<String, String> = if replace {
+        without_enc(layer)
+    } else {
+        layer.annotations().clone().unwrap_or_default()
+    };
+    for (k, v) in new {
+        if k == mt::PUBOPTS_ANNOTATION {
+            ann.insert(k, v);
+            continue;
+        }
+        match ann.get_mut(&k) {
+            Some(existing) if !existing.is_empty() => {
+                existing.push(',');
+                existing.push_str(&v);
+            }
+            _ => {
+                ann.insert(k, v);
+            }
         }
     }
+    copy_blob(ctx, layer).await?;
+    let mut d = layer.clone();
+    d.set_annotations(Some(ann));
+    Ok((d, note))
 }
 
 /// A cipher stage of a layer (CTR or HMAC), on a blocking thread: applies `f` to each chunk of
@@ -668,6 +840,9 @@ pub struct LayerInfo {
     pub encrypted: bool,
     /// Schemes it is encrypted for.
     pub schemes: Vec<SchemeInfo>,
+    /// Who can decrypt it: JWE key ids (RFC 7638 thumbprints) and other schemes' entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<LayerRecipients>,
 }
 
 /// One manifest, as seen by [`inspect`].
@@ -692,16 +867,6 @@ pub struct ImageInfo {
     pub media_type: String,
     /// Manifests (one unless multi-arch).
     pub manifests: Vec<ManifestInfo>,
-}
-
-fn count_jwe_recipients(value: &str) -> Option<usize> {
-    let mut total = 0;
-    for entry in value.split(',').filter(|e| !e.is_empty()) {
-        let raw = decode_b64(entry).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
-        total += v.get("recipients").and_then(|r| r.as_array()).map_or(1, Vec::len);
-    }
-    Some(total)
 }
 
 async fn manifests_of(
@@ -744,12 +909,13 @@ pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
                 .enumerate()
                 .map(|(i, l)| {
                     let ann = annotations_of(l);
+                    let who = LayerRecipients::from_annotations(&ann).ok();
                     let schemes = schemes_present(&ann)
                         .into_iter()
                         .map(|(scheme, entries)| {
                             let value = &ann[&mt::keys_annotation(&scheme)];
                             let recipients = match scheme.as_str() {
-                                "jwe" => count_jwe_recipients(value),
+                                "jwe" => who.as_ref().map(|w| w.jwe.len()),
                                 crate::pkcs7::SCHEME => crate::pkcs7::count_recipients(value),
                                 _ => None,
                             };
@@ -767,6 +933,7 @@ pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
                         media_type: l.media_type().to_string(),
                         encrypted: mt::is_encrypted(l.media_type().as_ref()),
                         schemes,
+                        recipients: who.filter(|w| w.count() > 0),
                     }
                 })
                 .collect(),
@@ -799,16 +966,39 @@ pub struct LayerCheck {
 /// needs to be).
 ///
 /// # Errors
-/// Image-level errors only; per-layer failures are in the result.
+/// Image-level errors; [`Error::Selection`] when `sel` names a platform the image does not
+/// have, or selects no encrypted layer of an image that has some (nothing would be checked:
+/// never a silent pass). Per-layer failures are in the result.
 pub async fn check_authorization(
     src: &dyn ImageSource,
     unwrappers: &[Arc<dyn AsyncKeyUnwrapper>],
     sel: &LayerSelection,
 ) -> Result<Vec<LayerCheck>, Error> {
-    let (_, manifests) = manifests_of(src).await?;
+    let (root, manifests) = manifests_of(src).await?;
+    let image = src.describe();
+    let single = manifests.len() == 1 && root.digest() == manifests[0].0.digest();
+    if single {
+        // Its platform is in its config: checked here, so the manifest is selected below.
+        let bytes = src.read_small(&root).await?;
+        sel.check_single(src, &image, &bytes).await?;
+    } else {
+        let descs: Vec<Descriptor> = manifests.iter().map(|(d, _)| d.clone()).collect();
+        sel.check_index(&image, &descs)?;
+    }
     let mut out = Vec::new();
+    let mut unchecked = BTreeSet::new();
     for (d, m) in manifests {
-        if !sel.platform_selected(d.platform().as_ref()) {
+        if !single && !sel.platform_selected(d.platform().as_ref()) {
+            if m.layers()
+                .iter()
+                .any(|l| mt::is_encrypted(l.media_type().as_ref()))
+            {
+                unchecked.insert(
+                    d.platform()
+                        .as_ref()
+                        .map_or_else(|| d.digest().to_string(), platform_name),
+                );
+            }
             continue;
         }
         for (i, l) in m.layers().iter().enumerate() {
@@ -846,6 +1036,13 @@ pub async fn check_authorization(
                 error: r.err().map(|e| keywrap::error_chain(&e)),
             });
         }
+    }
+    if out.is_empty() && !unchecked.is_empty() {
+        return Err(Error::Selection(format!(
+            "--platform {} selects no encrypted layer of {image}, so nothing would be checked; encrypted layers are on: {}",
+            sel.platforms.join(","),
+            unchecked.into_iter().collect::<Vec<_>>().join(", ")
+        )));
     }
     Ok(out)
 }

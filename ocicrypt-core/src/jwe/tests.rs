@@ -143,7 +143,13 @@ fn default_algs_and_go_jose_flattened_shape() {
         !text.contains("recipients") && !text.contains("\"header\""),
         "{text}"
     );
-    assert_eq!(protected_header(&blob), r#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#);
+    assert_eq!(
+        protected_header(&blob),
+        format!(
+            r#"{{"alg":"RSA-OAEP","enc":"A256GCM","kid":"{}"}}"#,
+            public("rsa-a").thumbprint()
+        )
+    );
     let v = json(&blob);
     assert_eq!(b64d(v["iv"].as_str().unwrap()).unwrap().len(), 12);
     assert_eq!(b64d(v["tag"].as_str().unwrap()).unwrap().len(), 16);
@@ -174,14 +180,17 @@ fn default_algs_and_go_jose_flattened_shape() {
     let epk = &serde_json::from_str::<Value>(&protected_header(&blob)).unwrap()["epk"];
     assert_eq!(b64d(epk["y"].as_str().unwrap()).unwrap().len(), 66);
 
-    // kid from a JWK goes into the header.
+    // The kid is the RFC 7638 thumbprint, also for a JWK that has a kid of its own.
     let blob = JweWrapper::new(vec![public_with_alg("rsa-b", KeyAlg::RsaOaep256)])
         .unwrap()
         .wrap_keys(OPTS)
         .unwrap();
     assert_eq!(
         protected_header(&blob),
-        r#"{"alg":"RSA-OAEP-256","enc":"A256GCM","kid":"kid-rsa-b"}"#
+        format!(
+            r#"{{"alg":"RSA-OAEP-256","enc":"A256GCM","kid":"{}"}}"#,
+            public("rsa-b").thumbprint()
+        )
     );
 }
 
@@ -202,7 +211,11 @@ fn general_shape_for_several_recipients() {
     );
     let r = v["recipients"].as_array().unwrap();
     assert_eq!(r.len(), 2);
-    assert_eq!(r[0]["header"], serde_json::json!({"alg": "RSA-OAEP"}));
+    assert_eq!(
+        r[0]["header"],
+        serde_json::json!({"alg": "RSA-OAEP", "kid": public("rsa-a").thumbprint()})
+    );
+    assert_eq!(r[1]["header"]["kid"], public("P-256").thumbprint());
     assert_eq!(r[1]["header"]["alg"], "ECDH-ES+A256KW");
     assert_eq!(r[1]["header"]["epk"]["crv"], "P-256");
     assert_eq!(
@@ -214,6 +227,9 @@ fn general_shape_for_several_recipients() {
             .len(),
         4
     );
+    // Per-recipient header members in go-jose's (sorted) order, kid last.
+    let text = String::from_utf8(blob).unwrap();
+    assert!(text.contains(r#"{"header":{"alg":"RSA-OAEP","kid":""#), "{text}");
 }
 
 #[test]
