@@ -75,7 +75,7 @@ pub use generate::{generate_ec, generate_rsa};
 #[cfg(feature = "jwe")]
 pub(crate) use parse::ec_coordinates as parse_ec_coordinates;
 #[cfg(feature = "jwe")]
-pub(crate) use parse::read_key_file;
+pub(crate) use parse::{openpgp_tag, read_key_file};
 #[cfg(feature = "jwe")]
 pub use parse::{Curve, KeyFormat, KeyKind, PrivateKey, PublicKey, MAX_KEY_FILE_SIZE};
 #[cfg(feature = "jwe")]

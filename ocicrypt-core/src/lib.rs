@@ -11,6 +11,7 @@
 //!   that tries every scheme and entry;
 //! * [`keys`]: public and private key parsing (PEM, DER, JWK, certificates, encrypted keys);
 //! * [`jwe`]: the JWE key-wrap scheme;
+//! * [`pgp`]: the OpenPGP key-wrap scheme (rPGP);
 //! * [`pkcs7`]: the PKCS#7 (CMS EnvelopedData) key-wrap scheme, for X.509 certificates;
 //! * [`image`]: image operations over OCI layouts and other stores (encrypt, decrypt, add and
 //!   remove recipients, inspect, check authorization);
@@ -21,6 +22,7 @@
 //!
 //! ## Crate features
 //! * `jwe` (default): JWE key wrapping and key parsing (OpenSSL).
+//! * `pgp` (default): the OpenPGP key-wrap scheme (the `pgp` crate).
 //! * `tokio`: `AsyncRead` adapters for the layer cipher.
 //! * `image` (default, implies `tokio`): image operations.
 //!
@@ -58,6 +60,8 @@ pub mod keys;
 pub mod keywrap;
 pub mod mediatype;
 pub mod options;
+#[cfg(feature = "pgp")]
+pub mod pgp;
 #[cfg(feature = "jwe")]
 pub mod pkcs7;
 pub mod recipients;
