@@ -10,6 +10,8 @@ IMGCRYPT_DEBIAN_PACKAGES=(
   skopeo docker-registry openssl
   # independent JWE check (python cryptography) and PGP keyring detection tests
   python3 python3-venv python3-pip python3-cryptography gpg
+  # pgp scheme interop: gpg-agent and gpgconf for key generation in the tests
+  gnupg
   # benchmarks: /usr/bin/time for peak RSS
   time
   # runtime end to end (containerd stream processor)

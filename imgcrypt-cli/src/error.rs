@@ -83,7 +83,7 @@ impl ErrorKind {
             ErrorKind::WrongKey => "wrong key: none of the given keys can decrypt a layer",
             ErrorKind::TamperedLayer => "tampered layer: layer data failed verification (MAC or digest)",
             ErrorKind::UnknownScheme => {
-                "unknown scheme in a --recipient or --key (jwe:, pkcs7:, provider: are known)"
+                "unknown scheme in a --recipient or --key (jwe:, pkcs7:, pgp:, provider: are known)"
             }
             ErrorKind::BadReference => "bad image reference, or the image does not exist",
             ErrorKind::RegistryAuth => "registry authentication failed",

@@ -13,6 +13,8 @@ pub enum RecipientSpec {
     Jwe(PathBuf),
     /// `pkcs7:FILE`: an X.509 certificate (RSA), PEM or DER.
     Pkcs7(PathBuf),
+    /// `pgp:NAME-OR-EMAIL` (looked up with gpg) or `pgp:FILE` (an OpenPGP public key file).
+    Pgp(String),
     /// `provider:NAME[:PARAM]`: an ocicrypt key provider.
     Provider {
         /// The provider name.
@@ -54,11 +56,11 @@ impl KeySpec {
 /// Largest password file read.
 pub const MAX_PASSWORD_FILE: u64 = 64 << 10;
 
-const KNOWN_SCHEMES: &str = "jwe:, pkcs7:, provider:";
+const KNOWN_SCHEMES: &str = "jwe:, pkcs7:, pgp:, provider:";
 
 fn unknown_scheme(what: &str, input: &str, scheme: &str) -> CliError {
     let extra = match scheme {
-        "pgp" | "pkcs11" => format!(
+        "pkcs11" => format!(
             " ({scheme}: is an ocicrypt scheme this build does not implement; use jwe: keys, or skopeo for {scheme}:)"
         ),
         _ => String::new(),
@@ -107,6 +109,14 @@ pub fn parse_recipient(input: &str) -> Result<RecipientSpec, CliError> {
                 ));
             }
             Ok(RecipientSpec::Pkcs7(PathBuf::from(value)))
+        }
+        "pgp" => {
+            if value.is_empty() {
+                return Err(CliError::usage(
+                    "recipient pgp: needs a name or e-mail from the gpg keyring, or a public key file: pgp:alice@example.com",
+                ));
+            }
+            Ok(RecipientSpec::Pgp(value.to_owned()))
         }
         "provider" => {
             let (name, param) = parse_provider(value).map_err(CliError::usage)?;
@@ -185,7 +195,7 @@ pub fn parse_key(input: &str) -> Result<KeySpec, CliError> {
     }
     if let Some((scheme, _)) = input.split_once(':') {
         if matches!(scheme, "pgp" | "pkcs7" | "pkcs11" | "jwe") {
-            if scheme == "jwe" || scheme == "pkcs7" {
+            if scheme != "pkcs11" {
                 return Err(CliError::usage(format!(
                     "--key {input:?}: keys are files without a scheme; write --key {}",
                     &input[scheme.len() + 1..]
@@ -248,7 +258,11 @@ mod tests {
         );
         assert_eq!(parse_recipient("pkcs7:").unwrap_err().kind, ErrorKind::Usage);
         assert_eq!(
-            parse_recipient("pgp:me@x").unwrap_err().kind,
+            parse_recipient("pgp:me@x").unwrap(),
+            RecipientSpec::Pgp("me@x".into())
+        );
+        assert_eq!(
+            parse_recipient("pkcs11:k.yaml").unwrap_err().kind,
             ErrorKind::UnknownScheme
         );
         assert_eq!(
@@ -292,7 +306,11 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::KeyFile);
         assert!(!e.message.contains("secret"), "{}", e.message);
         assert!(e.message.contains("nope.pem"));
-        assert_eq!(parse_key("pgp:me").unwrap_err().kind, ErrorKind::UnknownScheme);
+        assert_eq!(parse_key("pgp:me").unwrap_err().kind, ErrorKind::Usage);
+        assert_eq!(
+            parse_key("pkcs11:k.yaml").unwrap_err().kind,
+            ErrorKind::UnknownScheme
+        );
         assert!(matches!(
             parse_key("provider:kp").unwrap(),
             KeySpec::Provider { .. }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ocicrypt_core::jwe::{JweUnwrapper, JweWrapper};
 use ocicrypt_core::keyprovider::{KeyProviderConfig, ProviderError};
 use ocicrypt_core::keys::{read_key_dir_lenient, KeyError, PrivateKey, PublicKey};
+use ocicrypt_core::pgp::{PgpPublicKey, PgpSecretKey, PgpUnwrapper, PgpWrapper};
 use ocicrypt_core::pkcs7::{Certificate, Pkcs7Unwrapper, Pkcs7Wrapper};
 use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper};
 
@@ -71,9 +72,21 @@ fn provider_config(spec: &str) -> Result<KeyProviderConfig, CliError> {
 pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrapper>>, CliError> {
     let mut jwe_keys = Vec::new();
     let mut certs = Vec::new();
+    let mut pgp_keys = Vec::new();
+    let mut pgp_names: Vec<&str> = Vec::new();
     let mut out: Vec<Arc<dyn AsyncKeyWrapper>> = Vec::new();
     for r in recipients {
         match r {
+            // An existing file is a key file (our extra); anything else a gpg name or e-mail.
+            RecipientSpec::Pgp(v) if std::path::Path::new(v).is_file() => {
+                let keys = PgpPublicKey::from_file(std::path::Path::new(v)).map_err(|e| {
+                    let mut c = CliError::from(e);
+                    c.message = format!("recipient pgp:{v}: {}", c.message);
+                    c
+                })?;
+                pgp_keys.extend(keys);
+            }
+            RecipientSpec::Pgp(v) => pgp_names.push(v),
             RecipientSpec::Pkcs7(path) => {
                 let c = Certificate::from_file(path).map_err(|e| {
                     let mut c = CliError::from(e);
@@ -117,6 +130,22 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
         })?;
         out.insert(0, Arc::new(w));
     }
+    if !pgp_names.is_empty() {
+        let lookup = |e: ocicrypt_core::pgp::LookupError| {
+            CliError::new(ErrorKind::KeyFile, format!("recipient pgp: {e}"))
+        };
+        let ring = ocicrypt_core::pgp::gpg_export().map_err(lookup)?;
+        pgp_keys.extend(ocicrypt_core::pgp::select_recipients(&ring, &pgp_names).map_err(lookup)?);
+    }
+    if !pgp_keys.is_empty() {
+        let w = PgpWrapper::new(pgp_keys).map_err(|e| {
+            CliError::new(
+                ErrorKind::KeyFile,
+                format!("cannot encrypt for these recipients: {e}"),
+            )
+        })?;
+        out.push(Arc::new(w));
+    }
     if !certs.is_empty() {
         let w = Pkcs7Wrapper::new(certs).map_err(|e| {
             CliError::new(
@@ -136,6 +165,7 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
 pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyContext), CliError> {
     let mut private: Vec<PrivateKey> = Vec::new();
     let mut certs: Vec<Certificate> = Vec::new();
+    let mut pgp_keys: Vec<PgpSecretKey> = Vec::new();
     let mut ctx = KeyContext::default();
     let mut out: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
     for k in keys.keys {
@@ -146,10 +176,16 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
                     Ok(key) => private.push(key),
                     // skopeo users pass the certificate too for pkcs7 (Go needs it; we do
                     // not, but take it to try the matching RecipientInfo first).
-                    Err(e @ KeyError::Unsupported { .. }) => match Certificate::from_file(&path) {
-                        Ok(c) => certs.push(c),
-                        Err(_) => return Err(e.into()),
-                    },
+                    Err(e @ KeyError::Unsupported { .. }) => {
+                        if let Some(keys) = pgp_secret_keys(&path, password.as_deref().map(|p| &p[..]))? {
+                            pgp_keys.extend(keys);
+                            continue;
+                        }
+                        match Certificate::from_file(&path) {
+                            Ok(c) => certs.push(c),
+                            Err(_) => return Err(e.into()),
+                        }
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -175,6 +211,12 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
             c
         })?;
         for skipped in d.ignored.iter().chain(d.skipped.iter()) {
+            // gpg secret keyrings (binary, as runtimes read them, or armored) are keys too.
+            if let Ok(Some(keys)) = pgp_secret_keys(&skipped.path, None) {
+                ctx.key_sources.push(skipped.path.display().to_string());
+                pgp_keys.extend(keys);
+                continue;
+            }
             eprintln!(
                 "note: --key-dir {}: skipped {}: {}",
                 dir.display(),
@@ -191,6 +233,9 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
             private.push(e.key);
         }
     }
+    if !pgp_keys.is_empty() {
+        out.insert(0, Arc::new(PgpUnwrapper::new(pgp_keys)));
+    }
     if !private.is_empty() {
         let p7 =
             Pkcs7Unwrapper::new(private.iter().map(PrivateKey::share).collect()).with_certificates(certs);
@@ -200,4 +245,26 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
         out.insert(0, Arc::new(JweUnwrapper::new(private)));
     }
     Ok((out, ctx))
+}
+
+/// The OpenPGP secret keys in `path`, if it is an OpenPGP key file (`None` if it is not one).
+fn pgp_secret_keys(
+    path: &std::path::Path,
+    password: Option<&[u8]>,
+) -> Result<Option<Vec<PgpSecretKey>>, CliError> {
+    let Ok(head) = std::fs::File::open(path).and_then(|f| {
+        use std::io::Read;
+        let mut b = Vec::new();
+        f.take(8192).read_to_end(&mut b).map(|_| b)
+    }) else {
+        return Ok(None);
+    };
+    if !ocicrypt_core::pgp::looks_like_openpgp(&head) {
+        return Ok(None);
+    }
+    match PgpSecretKey::from_file(path, password) {
+        Ok(k) => Ok(Some(k)),
+        // A public keyring is not a decryption key: say so.
+        Err(e) => Err(CliError::from(e)),
+    }
 }

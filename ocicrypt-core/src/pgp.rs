@@ -143,7 +143,9 @@ fn split_uid(uid: &str) -> (&str, Option<&str>) {
 #[non_exhaustive]
 pub enum LookupError {
     /// The gpg binary could not be run or failed.
-    #[error("cannot list the gpg public keyring ({0}); install gnupg, or give the public key as a file: pgp:FILE")]
+    #[error(
+        "cannot list the gpg public keyring ({0}); install gnupg, or give the public key as a file: pgp:FILE"
+    )]
     Gpg(String),
     /// No key has that name or e-mail.
     #[error("no OpenPGP key in the gpg keyring has the name or e-mail {0} (gpg --list-keys shows them; a key file works too: pgp:FILE)")]
@@ -197,7 +199,9 @@ pub fn gpg_export() -> Result<Vec<u8>, LookupError> {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(LookupError::Gpg(format!("{bin} --export did not finish within 60 s")));
+            return Err(LookupError::Gpg(format!(
+                "{bin} --export did not finish within 60 s"
+            )));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
@@ -218,7 +222,9 @@ pub fn gpg_export() -> Result<Vec<u8>, LookupError> {
 /// [`LookupError::NotFound`] for the first name without a key, [`LookupError::Key`].
 pub fn select_recipients(keyring: &[u8], who: &[&str]) -> Result<Vec<PgpPublicKey>, LookupError> {
     if keyring.is_empty() {
-        return Err(LookupError::NotFound(crate::redact::token(who.first().copied().unwrap_or("")).into_owned()));
+        return Err(LookupError::NotFound(
+            crate::redact::token(who.first().copied().unwrap_or("")).into_owned(),
+        ));
     }
     let keys = PgpPublicKey::from_bytes_many(keyring, "the gpg public keyring")?;
     let mut out = Vec::new();
@@ -301,8 +307,8 @@ impl KeyWrapper for PgpWrapper {
 
     fn wrap_keys(&self, optsdata: &[u8]) -> Result<Vec<u8>, WrapError> {
         let mut rng = rand::thread_rng();
-        let mut builder =
-            MessageBuilder::from_bytes("", optsdata.to_vec()).seipd_v1(&mut rng, SymmetricKeyAlgorithm::AES256);
+        let mut builder = MessageBuilder::from_bytes("", optsdata.to_vec())
+            .seipd_v1(&mut rng, SymmetricKeyAlgorithm::AES256);
         for r in &self.recipients {
             let res = match encryption_key(&r.key) {
                 Some(EncKey::Sub(s)) => builder.encrypt_to_key(&mut rng, &s.key).map(|_| ()),
@@ -503,7 +509,11 @@ pub fn pkesk_key_ids(blob: &[u8]) -> Result<Vec<String>, String> {
         } else {
             let tag = (first >> 2) & 0x0f;
             match first & 3 {
-                0 => (tag, 2, usize::from(*rest.get(1).ok_or("truncated packet header")?)),
+                0 => (
+                    tag,
+                    2,
+                    usize::from(*rest.get(1).ok_or("truncated packet header")?),
+                ),
                 1 => {
                     let b = rest.get(1..3).ok_or("truncated packet header")?;
                     (tag, 3, usize::from(u16::from_be_bytes([b[0], b[1]])))

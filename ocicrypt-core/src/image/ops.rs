@@ -917,6 +917,8 @@ pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
                             let recipients = match scheme.as_str() {
                                 "jwe" => who.as_ref().map(|w| w.jwe.len()),
                                 crate::pkcs7::SCHEME => crate::pkcs7::count_recipients(value),
+                                #[cfg(feature = "pgp")]
+                                crate::pgp::SCHEME => crate::pgp::count_recipients(value),
                                 _ => None,
                             };
                             SchemeInfo {

@@ -44,9 +44,15 @@ fn round_trip_and_key_ids() {
     assert!(!public[0].matches("other@example.com"));
     let blob = PgpWrapper::new(public).unwrap().wrap_keys(b"{\"x\":1}").unwrap();
     assert_eq!(blob[0] & 0x80, 0x80, "binary, not armored");
-    assert_eq!(&PgpUnwrapper::new(secret()).unwrap_key(&blob).unwrap()[..], b"{\"x\":1}");
+    assert_eq!(
+        &PgpUnwrapper::new(secret()).unwrap_key(&blob).unwrap()[..],
+        b"{\"x\":1}"
+    );
     // the same PKESK key id as skopeo's message (the encryption subkey)
-    assert_eq!(pkesk_key_ids(&blob).unwrap(), pkesk_key_ids(&skopeo_blob()).unwrap());
+    assert_eq!(
+        pkesk_key_ids(&blob).unwrap(),
+        pkesk_key_ids(&skopeo_blob()).unwrap()
+    );
     assert_eq!(pkesk_key_ids(&blob).unwrap().len(), 1);
 }
 
@@ -72,8 +78,12 @@ fn keys_that_are_not_openpgp_are_refused() {
     let e = PgpSecretKey::from_bytes_many(b"not a key", None, "x").unwrap_err();
     assert!(e.to_string().contains('x'), "{e}");
     assert!(PgpPublicKey::from_bytes_many(b"", "empty").is_err());
-    assert!(looks_like_openpgp(&std::fs::read(vectors().join("keys/pgp-secret.asc")).unwrap()));
-    assert!(!looks_like_openpgp(&std::fs::read(vectors().join("keys/rsa.pem")).unwrap()));
+    assert!(looks_like_openpgp(
+        &std::fs::read(vectors().join("keys/pgp-secret.asc")).unwrap()
+    ));
+    assert!(!looks_like_openpgp(
+        &std::fs::read(vectors().join("keys/rsa.pem")).unwrap()
+    ));
 }
 
 #[test]
