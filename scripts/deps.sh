@@ -8,6 +8,8 @@ IMGCRYPT_DEBIAN_PACKAGES=(
   pkg-config libssl-dev
   # interop and registry tests
   skopeo docker-registry openssl
+  # a Go-written image (manifest digest round trip)
+  buildah
   # independent JWE check (python cryptography) and PGP keyring detection tests
   python3 python3-venv python3-pip python3-cryptography gpg
   # pgp scheme interop: gpg-agent and gpgconf for key generation in the tests

@@ -24,6 +24,7 @@ use crate::Error;
 
 pub mod digest;
 pub mod gc;
+pub mod gojson;
 pub mod layout;
 pub mod ops;
 pub mod pipeline;

@@ -8,7 +8,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Serialize;
 
 use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
-use super::{canonical_json, ImageDest, ImageSource};
+use super::{ImageDest, ImageSource};
 use crate::cipher::io::to_io;
 use crate::cipher::{self, LayerKey, Nonce};
 use crate::keywrap::{
@@ -315,10 +315,10 @@ async fn run(ctx: &Arc<Ctx>) -> Result<TransformReport, Error> {
             children.push(desc);
         }
         if changed {
-            let mut new_index = index.clone();
-            new_index.set_manifests(children);
-            new_index.set_media_type(Some(MediaType::ImageIndex));
-            let b = canonical_json(&new_index)?;
+            // A Docker manifest list whose children became OCI manifests becomes an OCI index.
+            let list = index.media_type().as_ref().map(ToString::to_string).as_deref()
+                == Some(mt::DOCKER_MANIFEST_LIST);
+            let b = super::gojson::edit_index(&bytes, &children, list.then_some(mt::OCI_INDEX))?;
             let d =
                 super::layout::descriptor(mt::OCI_INDEX, &super::digest::sha256_digest(&b), b.len() as u64)?;
             (d, b)
@@ -497,15 +497,16 @@ async fn process_manifest(
     if actions.iter().all(|a| *a == Action::Keep) {
         return Ok((desc.clone(), bytes, reports));
     }
-    let mut m = manifest.clone();
     let encrypting = actions.contains(&Action::Encrypt);
+    let mut media_type = None;
+    let mut config_media_type = None;
     if encrypting {
         // Encrypted layers need an OCI manifest (as containers/image and imgcrypt require).
-        m.set_media_type(Some(MediaType::ImageManifest));
-        if m.config().media_type().to_string() == "application/vnd.docker.container.image.v1+json" {
-            let mut c = m.config().clone();
-            c.set_media_type(MediaType::ImageConfig);
-            m.set_config(c);
+        if manifest.media_type().as_ref().map(ToString::to_string).as_deref() != Some(mt::OCI_MANIFEST) {
+            media_type = Some(mt::OCI_MANIFEST);
+        }
+        if manifest.config().media_type().to_string() == "application/vnd.docker.container.image.v1+json" {
+            config_media_type = Some("application/vnd.oci.image.config.v1+json");
         }
         for l in &mut new_layers {
             let s = l.media_type().to_string();
@@ -519,12 +520,11 @@ async fn process_manifest(
             }
         }
     }
-    m.set_layers(new_layers);
-    let out = canonical_json(&m)?;
-    let media = m
-        .media_type()
-        .as_ref()
-        .map(|x| x.to_string())
+    // Edited in place, in Go's encoding: a round trip gives back the source's bytes.
+    let out = super::gojson::edit_manifest(&bytes, &new_layers, media_type, config_media_type)?;
+    let media = media_type
+        .map(str::to_owned)
+        .or_else(|| manifest.media_type().as_ref().map(ToString::to_string))
         .unwrap_or_else(|| desc.media_type().to_string());
     let mut d = super::layout::descriptor(&media, &super::digest::sha256_digest(&out), out.len() as u64)?;
     d.set_platform(desc.platform().clone());
