@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use std::io::{self, Read, Write};
@@ -52,6 +53,10 @@ pub struct OciLayout {
     /// What `open_or_create` made (the layout skeleton, and whether the directory itself),
     /// removed again by `abort` so a failed operation leaves nothing behind.
     skeleton: Mutex<Option<bool>>,
+    /// Set by `abort` (under the `temps` and `created` locks): a writer that outlived the
+    /// aborted run (a layer task still finishing) neither starts a temporary file nor moves a
+    /// blob into place afterwards, so what `abort` removed stays removed.
+    aborted: AtomicBool,
 }
 
 impl OciLayout {
@@ -144,6 +149,7 @@ impl OciLayout {
             temps: Mutex::new(Vec::new()),
             index_lock: Mutex::new(()),
             skeleton: Mutex::new(None),
+            aborted: AtomicBool::new(false),
         }
     }
 
@@ -523,12 +529,19 @@ impl ImageDest for OciLayout {
             let dir = self.blob_dir("sha256")?;
             // Named with our pid, so a later write can tell a temporary left by a killed run from
             // one a running writer owns; created 0666 less the umask, as skopeo's blobs are.
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-                .tempfile_in(&dir)?;
+            let tmp = {
+                let mut temps = self.temps.lock().expect("lock");
+                if self.aborted.load(Ordering::SeqCst) {
+                    return Err(aborted());
+                }
+                let tmp = tempfile::Builder::new()
+                    .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                    .tempfile_in(&dir)?;
+                temps.push(tmp.path().to_owned());
+                tmp
+            };
             let tmp_path = tmp.path().to_owned();
-            self.temps.lock().expect("lock").push(tmp_path.clone());
             let forget_tmp = || self.temps.lock().expect("lock").retain(|p| p != &tmp_path);
             // Hash and write on a blocking thread, straight from the chunks.
             let written = tokio::task::spawn_blocking(move || -> Result<_, Error> {
@@ -564,10 +577,14 @@ impl ImageDest for OciLayout {
             } else {
                 // Absent, or present with the wrong bytes (or as a link, which the rename
                 // replaces rather than writes through).
+                let mut created = self.created.lock().expect("lock");
+                if self.aborted.load(Ordering::SeqCst) {
+                    return Err(aborted());
+                }
                 tmp.persist(&dest).map_err(|e| Error::Io(e.error))?;
                 crate::fsutil::sync_dir(&dir);
                 if !existed {
-                    self.created.lock().expect("lock").push(dest);
+                    created.push(dest);
                 }
             }
             Ok((digest, len))
@@ -594,8 +611,12 @@ impl ImageDest for OciLayout {
 
     fn abort(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let temps = std::mem::take(&mut *self.temps.lock().expect("lock"));
-            let created = std::mem::take(&mut *self.created.lock().expect("lock"));
+            let (temps, created) = {
+                let mut temps = self.temps.lock().expect("lock");
+                let mut created = self.created.lock().expect("lock");
+                self.aborted.store(true, Ordering::SeqCst);
+                (std::mem::take(&mut *temps), std::mem::take(&mut *created))
+            };
             for p in temps.into_iter().chain(created) {
                 let _ = fs::remove_file(p);
             }
@@ -613,6 +634,11 @@ impl ImageDest for OciLayout {
             }
         })
     }
+}
+
+/// The error of a write that arrives after [`ImageDest::abort`].
+fn aborted() -> Error {
+    Error::Image("the destination was aborted; nothing more is written to it".into())
 }
 
 /// Builds a descriptor.

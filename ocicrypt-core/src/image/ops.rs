@@ -444,8 +444,13 @@ async fn process_manifest(
             let image_name = image_name.clone();
             async move {
                 let digest = layer.digest().to_string();
-                let handle = tokio::spawn(async move { process_layer(&ctx, &layer, action).await });
-                let res = match handle.await {
+                // Aborted when this future is dropped (an interrupted or failed run), so a
+                // layer task does not go on writing after the destination was aborted.
+                let mut handle =
+                    AbortOnDrop(tokio::spawn(
+                        async move { process_layer(&ctx, &layer, action).await },
+                    ));
+                let res = match (&mut handle.0).await {
                     Ok(r) => r,
                     Err(e) => Err(Error::Image(format!("layer task failed: {e}"))),
                 };
@@ -1047,4 +1052,13 @@ pub async fn check_authorization(
         )));
     }
     Ok(out)
+}
+
+/// A spawned task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
