@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -20,48 +19,12 @@ fn run_sh(limits: &str, args: &[&str], limit: Duration) -> Option<Run> {
     for i in 0..args.len() {
         script.push_str(&format!(" \"${}\"", i + 1));
     }
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(script)
         .arg(env!("CARGO_BIN_EXE_imgcrypt"))
-        .args(args)
-        .env("HOME", std::env::temp_dir())
-        .env_remove("REGISTRY_AUTH_FILE")
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove("DOCKER_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(Run {
-                code: status.code().unwrap_or(-1),
-                stdout: t_out.join().unwrap(),
-                stderr: t_err.join().unwrap(),
-            });
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .args(args);
+    common::run_limited(cmd, &[], limit)
 }
 
 fn run_bounded(args: &[&str]) -> Run {

@@ -157,45 +157,9 @@ fn endless(s: &mut TcpStream, status: &str, headers: &[(&str, String)]) {
 
 /// A run of the binary with its own deadline; `None` when it had to be killed.
 fn run_limited(args: &[&str], limit: Duration) -> Option<common::Run> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgcrypt"))
-        .args(args)
-        .env("HOME", std::env::temp_dir())
-        .env_remove("REGISTRY_AUTH_FILE")
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove("DOCKER_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(common::Run {
-                code: status.code().unwrap_or(-1),
-                stdout: t_out.join().unwrap(),
-                stderr: t_err.join().unwrap(),
-            });
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgcrypt"));
+    cmd.args(args);
+    common::run_limited(cmd, &[], limit)
 }
 
 fn small_image(dir: &Path) {

@@ -49,19 +49,26 @@ impl Run {
 /// Runs `imgcrypt args…` with extra environment, killing it after two minutes.
 pub fn imgcrypt_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgcrypt"));
-    cmd.args(args)
-        .stdin(Stdio::null())
+    cmd.args(args);
+    run_limited(cmd, env, Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("imgcrypt {} did not finish within 120 s", args.join(" ")))
+}
+
+/// Runs `cmd` with stdin closed, stdout and stderr captured and the user's registry credentials
+/// kept out (`HOME` a temporary directory, no auth-file variables; `env` is set after that, so
+/// a test can point them somewhere); `None` when it did not end within `limit` and was killed.
+pub fn run_limited(mut cmd: Command, env: &[(&str, &str)], limit: Duration) -> Option<Run> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // Keep the user's credentials out of the tests.
-    cmd.env("HOME", std::env::temp_dir())
+        .stderr(Stdio::piped())
+        .env("HOME", std::env::temp_dir())
         .env_remove("REGISTRY_AUTH_FILE")
         .env_remove("XDG_RUNTIME_DIR")
         .env_remove("DOCKER_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("imgcrypt starts");
+    let mut child = cmd.spawn().expect("the command starts");
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || {
@@ -74,7 +81,7 @@ pub fn imgcrypt_env(args: &[&str], env: &[(&str, &str)]) -> Run {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
@@ -82,15 +89,15 @@ pub fn imgcrypt_env(args: &[&str], env: &[(&str, &str)]) -> Run {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("imgcrypt {} did not finish within 120 s", args.join(" "));
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Run {
+    Some(Run {
         code: status.code().unwrap_or(-1),
         stdout: t_out.join().expect("stdout thread"),
         stderr: t_err.join().expect("stderr thread"),
-    }
+    })
 }
 
 pub fn imgcrypt(args: &[&str]) -> Run {
