@@ -75,8 +75,42 @@ where
     fn with_codes(c: clap::Command) -> clap::Command {
         c.mut_subcommands(|s| with_codes(s.after_help(crate::error::exit_codes_help())))
     }
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    bool_value_after_space(&args)?;
     let matches = with_codes(Cli::command()).try_get_matches_from(args)?;
     Cli::from_arg_matches(&matches)
+}
+
+/// The boolean registry flags, which take their value only after `=`.
+const BOOL_FLAGS: [&str; 4] = [
+    "--tls-verify",
+    "--src-tls-verify",
+    "--dest-tls-verify",
+    "--dst-tls-verify",
+];
+
+/// `--tls-verify false` (a space instead of `=`): skopeo refuses it too (its bool flags take a
+/// value only after `=`), but with a confusing message, and here `false` would be read as an
+/// image reference. Say what to write instead.
+fn bool_value_after_space(args: &[OsString]) -> Result<(), clap::Error> {
+    for w in args.windows(2) {
+        let (Some(flag), Some(value)) = (w[0].to_str(), w[1].to_str()) else {
+            continue;
+        };
+        if flag == "--" {
+            break;
+        }
+        let v = value.to_ascii_lowercase();
+        if BOOL_FLAGS.contains(&flag) && (v == "true" || v == "false") {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "{flag} {value}: a yes/no flag takes its value after '=', as in skopeo: write {flag}={v} (alone, {flag} means {flag}=true)\n"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn after_help() -> String {
@@ -177,7 +211,7 @@ pub struct SelectionArgs {
     /// Only these layers (0-based; negative counts from the top, -1 = last; repeat or comma list).
     #[arg(
         long = "layer",
-        alias = "encrypt-layer",
+        visible_alias = "encrypt-layer",
         value_name = "N",
         allow_negative_numbers = true,
         value_delimiter = ','
@@ -192,7 +226,7 @@ pub struct SelectionArgs {
 #[derive(Debug, Args, Default)]
 pub struct KeyArgs {
     /// A private key: FILE, FILE:PASSWORD, FILE:pass=PW, FILE:file=PWFILE or provider:NAME[:PARAM].
-    #[arg(long = "key", alias = "decryption-key", value_name = "KEY")]
+    #[arg(long = "key", visible_alias = "decryption-key", value_name = "KEY")]
     pub keys: Vec<String>,
     /// A directory of private keys, read as CRI-O reads /etc/crio/keys (files that are not usable
     /// private keys are skipped).
@@ -212,7 +246,7 @@ pub struct EncryptArgs {
     /// A recipient: jwe:PUBLIC_KEY_FILE or provider:NAME[:PARAM] (repeat for several).
     #[arg(
         long = "recipient",
-        alias = "encryption-key",
+        visible_alias = "encryption-key",
         value_name = "RECIPIENT",
         required = true
     )]
@@ -279,7 +313,7 @@ pub struct RemoveArgs {
     /// `inspect` shows it (repeat for several).
     #[arg(
         long = "recipient",
-        alias = "encryption-key",
+        visible_alias = "encryption-key",
         value_name = "RECIPIENT",
         required = true
     )]
@@ -308,7 +342,7 @@ pub struct RecipientsArgs {
     /// A recipient to add (add) or to have (set): jwe:FILE or provider:NAME[:PARAM].
     #[arg(
         long = "recipient",
-        alias = "encryption-key",
+        visible_alias = "encryption-key",
         value_name = "RECIPIENT",
         required = true
     )]

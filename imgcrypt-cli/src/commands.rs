@@ -128,12 +128,70 @@ async fn blocking(
     }
 }
 
+/// Checks, before anything is created, that a destination path can be written: its parent
+/// directory exists (as skopeo, missing parents are not created) and the directory that will be
+/// written to accepts writes. The error is an I/O failure (exit 1) naming the path and the reason.
+fn writable_destination(r: &ImageRef, path: &Path) -> Result<(), CliError> {
+    let fail = |msg: String| {
+        CliError::new(
+            ErrorKind::Failure,
+            format!("cannot write the destination {r}: {msg}; nothing was written"),
+        )
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(_) => path.to_path_buf(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::metadata(&parent) {
+            Ok(m) if m.is_dir() => parent,
+            Ok(_) => {
+                return Err(fail(format!("{} is not a directory", parent.display()))
+                    .hint("the parent of a destination must be an existing directory"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => {
+                return Err(fail(format!(
+                    "its parent directory {} does not exist",
+                    parent.display()
+                ))
+                .hint(format!(
+                    "create it first (mkdir -p {}), or write somewhere else",
+                    parent.display()
+                )))
+            }
+            Err(e) => return Err(fail(format!("{}: {e}", parent.display()))),
+        },
+        Err(e) if e.raw_os_error() == Some(20) => {
+            return Err(fail(format!(
+                "a component of {} is not a directory",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(fail(format!("{}: {e}", path.display()))),
+    };
+    if let Err(e) = rustix::fs::access(&target, rustix::fs::Access::WRITE_OK) {
+        let why = std::io::Error::from(e);
+        return Err(fail(format!("{} is not writable ({why})", target.display()))
+            .hint("choose a destination on a writable file system, in a directory you may write to"));
+    }
+    Ok(())
+}
+
 async fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, CliError> {
     match r {
         ImageRef::Layout { path, tag } => {
-            let layout = OciLayout::open_or_create(path, tag.as_deref()).map_err(|e| {
-                CliError::new(ErrorKind::BadReference, format!("destination {r}: {e}"))
-                    .hint("the destination must be an OCI layout, or a missing or empty directory")
+            writable_destination(r, path)?;
+            let layout = OciLayout::open_or_create(path, tag.as_deref()).map_err(|e| match e {
+                ocicrypt_core::Error::Io(e) => CliError::new(
+                    ErrorKind::Failure,
+                    format!(
+                        "cannot write the destination {r}: creating the layout in {} failed: {e}; nothing was written",
+                        path.display()
+                    ),
+                ),
+                e => CliError::new(ErrorKind::BadReference, format!("destination {r}: {e}"))
+                    .hint("the destination must be an OCI layout, or a missing or empty directory"),
             })?;
             Ok(Arc::new(layout))
         }
@@ -149,6 +207,7 @@ async fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, 
 }
 
 fn archive_dest(r: &ImageRef, path: &Path, kind: ArchiveKind) -> Result<Arc<dyn ImageDest>, CliError> {
+    writable_destination(r, path)?;
     ArchiveDest::create(path, kind)
         .map(|d| Arc::new(d) as Arc<dyn ImageDest>)
         .map_err(|e| CliError::new(ErrorKind::BadReference, format!("destination {r}: {e}")))
@@ -645,16 +704,30 @@ fn write_key_file(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<(
 /// # Errors
 /// Existing files without `force`, symbolic links, I/O.
 pub fn keygen_files(kind: KeyType, private: &Path, public: &Path, force: bool) -> Result<(), CliError> {
+    keygen_pair(kind, private, Some(public), force).map(|_| ())
+}
+
+/// As [`keygen_files`]; with `public` `None` the public key PEM is returned and not written.
+fn keygen_pair(
+    kind: KeyType,
+    private: &Path,
+    public: Option<&Path>,
+    force: bool,
+) -> Result<String, CliError> {
     refuse_existing(private, force)?;
-    refuse_existing(public, force)?;
+    if let Some(p) = public {
+        refuse_existing(p, force)?;
+    }
     let (priv_pem, pub_pem) = match kind {
         KeyType::Rsa(bits) => keys::generate_rsa(bits),
         KeyType::Ec(curve) => keys::generate_ec(curve),
     }
     .map_err(|e| CliError::new(ErrorKind::Failure, e.to_string()))?;
     write_key_file(private, priv_pem.as_bytes(), 0o600, force)?;
-    write_key_file(public, pub_pem.as_bytes(), 0o644, force)?;
-    Ok(())
+    if let Some(p) = public {
+        write_key_file(p, pub_pem.as_bytes(), 0o644, force)?;
+    }
+    Ok(pub_pem.to_string())
 }
 
 fn keygen(
@@ -664,31 +737,63 @@ fn keygen(
     force: bool,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), CliError> {
-    keygen_files(kind, private, public, force)?;
-    let id = key_file_id(public)?;
+    // `--public -`: the public key goes to stdout, the summary to stderr.
+    let to_stdout = public.as_os_str() == "-";
+    let pub_pem = keygen_pair(kind, private, (!to_stdout).then_some(public), force)?;
+    let id = keys::PublicKey::from_bytes(pub_pem.as_bytes(), "the new public key")
+        .map_err(CliError::from)?
+        .thumbprint();
+    let public_name = if to_stdout {
+        "(stdout)".to_owned()
+    } else {
+        public.display().to_string()
+    };
     if ctx.output.json {
-        ctx.json(&json!({
+        let mut v = json!({
             "key_id": id,
             "type": kind.to_string(),
             "private_key": private.display().to_string(),
-            "public_key": public.display().to_string(),
-            "recipient": format!("jwe:{}", public.display()),
-        }));
-    } else if !ctx.output.quiet {
-        ctx.print(&format!("{kind} key pair:"));
-        ctx.print(&format!(
-            "  private key {} (mode 0600): decrypt with --key {}",
-            private.display(),
-            private.display()
-        ));
-        ctx.print(&format!(
-            "  public key  {}: encrypt with --recipient jwe:{}",
-            public.display(),
-            public.display()
-        ));
-        ctx.print(&format!(
-            "  key id      {id} (how `imgcrypt inspect` names this recipient)"
-        ));
+            "public_key": if to_stdout { "-".to_owned() } else { public_name.clone() },
+        });
+        if to_stdout {
+            v["public_key_pem"] = json!(pub_pem);
+        } else {
+            v["recipient"] = json!(format!("jwe:{}", public.display()));
+        }
+        ctx.json(&v);
+        return Ok(());
+    }
+    if to_stdout {
+        ctx.out.write_all(pub_pem.as_bytes()).map_err(|e| {
+            CliError::new(
+                ErrorKind::Failure,
+                format!("cannot write the public key to stdout: {e}"),
+            )
+        })?;
+    }
+    if !ctx.output.quiet {
+        let lines = [
+            format!("{kind} key pair:"),
+            format!(
+                "  private key {} (mode 0600): decrypt with --key {}",
+                private.display(),
+                private.display()
+            ),
+            if to_stdout {
+                "  public key  written to stdout: save it to a file, then encrypt with --recipient jwe:FILE"
+                    .to_owned()
+            } else {
+                format!("  public key  {public_name}: encrypt with --recipient jwe:{public_name}")
+            },
+            format!("  key id      {id} (how `imgcrypt inspect` names this recipient)"),
+        ];
+        for l in lines {
+            if to_stdout {
+                eprintln!("{l}");
+            } else {
+                ctx.print(&l);
+            }
+        }
     }
     Ok(())
 }

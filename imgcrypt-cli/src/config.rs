@@ -428,18 +428,24 @@ impl Config {
             },
             Command::Keygen(a) => {
                 let kind = KeyType::parse(&a.r#type)?;
+                let private = private_key_path(&a.out);
+                if private.as_os_str() == "-" {
+                    return Err(CliError::usage(
+                        "keygen writes the private key to a file (mode 0600), not to stdout: name the file",
+                    ));
+                }
                 let public = match &a.public {
                     Some(p) => p.clone(),
-                    None => default_public_path(&a.out),
+                    None => default_public_path(&private),
                 };
-                if public == a.out {
+                if public == private {
                     return Err(CliError::usage(
                         "the public key path must differ from the private key path",
                     ));
                 }
                 Config::Keygen {
                     kind,
-                    private: a.out.clone(),
+                    private,
                     public,
                     force: a.force,
                 }
@@ -502,17 +508,25 @@ fn non_empty_root_key(k: &str) -> Result<String, CliError> {
     Ok(k.trim().to_owned())
 }
 
-/// `key.pem` → `key.pub.pem`; `key` → `key.pub`.
+/// The private key file `keygen NAME` writes: `NAME` with `.pem` added when it has no
+/// extension (`carol` → `carol.pem`), else as given.
+pub fn private_key_path(out: &std::path::Path) -> PathBuf {
+    match out.file_name() {
+        Some(n) if out.extension().is_none() && n != "-" && !n.to_string_lossy().starts_with('.') => {
+            out.with_extension("pem")
+        }
+        _ => out.to_path_buf(),
+    }
+}
+
+/// `key.pem` → `key.pub.pem`; `key.der` → `key.der.pub.pem`.
 pub fn default_public_path(private: &std::path::Path) -> PathBuf {
     let name = private
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let public = match name.strip_suffix(".pem") {
-        Some(stem) => format!("{stem}.pub.pem"),
-        None => format!("{name}.pub"),
-    };
-    private.with_file_name(public)
+    let stem = name.strip_suffix(".pem").unwrap_or(&name);
+    private.with_file_name(format!("{stem}.pub.pem"))
 }
 
 #[cfg(test)]
@@ -535,7 +549,16 @@ mod tests {
             default_public_path("/k/a.pem".as_ref()),
             PathBuf::from("/k/a.pub.pem")
         );
-        assert_eq!(default_public_path("a".as_ref()), PathBuf::from("a.pub"));
+        assert_eq!(
+            default_public_path("a.key".as_ref()),
+            PathBuf::from("a.key.pub.pem")
+        );
+        assert_eq!(private_key_path("carol".as_ref()), PathBuf::from("carol.pem"));
+        assert_eq!(
+            private_key_path("d/carol.pem".as_ref()),
+            PathBuf::from("d/carol.pem")
+        );
+        assert_eq!(private_key_path("carol.key".as_ref()), PathBuf::from("carol.key"));
     }
 
     #[test]

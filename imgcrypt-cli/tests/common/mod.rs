@@ -48,7 +48,10 @@ impl Run {
 
 /// Runs `imgcrypt args…` with extra environment, killing it after two minutes.
 pub fn imgcrypt_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgcrypt"));
+    // IMGCRYPT_TEST_BIN runs the suite against another build (e.g. an older commit's binary,
+    // to show that a test fails there).
+    let bin = std::env::var_os("IMGCRYPT_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_imgcrypt").into());
+    let mut cmd = Command::new(bin);
     cmd.args(args);
     run_limited(cmd, env, Duration::from_secs(120))
         .unwrap_or_else(|| panic!("imgcrypt {} did not finish within 120 s", args.join(" ")))
