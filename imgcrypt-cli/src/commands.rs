@@ -11,13 +11,11 @@ use ocicrypt_core::image::{ImageDest, ImageSource, LayerSelection};
 use ocicrypt_core::{keys, AsyncKeyUnwrapper};
 use serde_json::json;
 
-use crate::auth::find_creds;
 use crate::config::{Access, Config, KeyType, Keys, OpSpec, Output, Transform};
 use crate::error::{from_core, CliError, ErrorKind, KeyContext};
-use crate::reference::ImageRef;
-use crate::registry::{RegistryImage, RegistryOptions};
 use crate::{progress, schemes};
 use imgcrypt_registry::archive::{ArchiveDest, ArchiveKind, ArchiveSource};
+use imgcrypt_registry::{ImageRef, RegistryImage};
 
 /// Where a command writes its results.
 pub struct Ctx<'a> {
@@ -75,18 +73,6 @@ pub async fn execute(cfg: Config, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     }
 }
 
-fn registry_options(host: &str, access: &Access) -> Result<RegistryOptions, CliError> {
-    Ok(RegistryOptions {
-        creds: find_creds(host, access.creds.clone(), access.authfile.as_deref())?,
-        tls: imgcrypt_registry::tls::TlsOptions {
-            skip_verify: !access.tls_verify,
-            cert_dir: access.cert_dir.clone(),
-            certs_d_roots: None,
-        },
-        stall_timeout: access.stall_timeout,
-    })
-}
-
 /// Opens an image to read from; checks that the image exists in a layout.
 ///
 /// # Errors
@@ -101,10 +87,9 @@ pub async fn open_source(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageS
                 .map_err(|e| CliError::new(ErrorKind::BadReference, format!("{r}: {e}")))?;
             Ok(Arc::new(layout))
         }
-        ImageRef::Registry(reg) => {
-            let opts = registry_options(&reg.host, access)?;
-            Ok(Arc::new(RegistryImage::connect(reg.clone(), opts, false).await?))
-        }
+        ImageRef::Registry(reg) => Ok(Arc::new(
+            RegistryImage::connect(reg.clone(), access.clone(), false).await?,
+        )),
         ImageRef::OciArchive { path, tag } => {
             let (p, t) = (path.clone(), tag.clone());
             blocking(r, move || ArchiveSource::open_oci(&p, t.as_deref())).await
@@ -195,10 +180,9 @@ async fn open_dest(r: &ImageRef, access: &Access) -> Result<Arc<dyn ImageDest>, 
             })?;
             Ok(Arc::new(layout))
         }
-        ImageRef::Registry(reg) => {
-            let opts = registry_options(&reg.host, access)?;
-            Ok(Arc::new(RegistryImage::connect(reg.clone(), opts, true).await?))
-        }
+        ImageRef::Registry(reg) => Ok(Arc::new(
+            RegistryImage::connect(reg.clone(), access.clone(), true).await?,
+        )),
         ImageRef::OciArchive { path, tag } => archive_dest(r, path, ArchiveKind::Oci { tag: tag.clone() }),
         ImageRef::DockerArchive { path, name } => {
             archive_dest(r, path, ArchiveKind::Docker { name: name.clone() })

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 
 use ocicrypt_core::image::LayerSelection;
 
-use crate::auth::Creds;
 use crate::cli::{self, Cli, Command, RecipientsCommand};
 use crate::error::CliError;
 use crate::keyspec::{parse_key, parse_recipient, KeySpec, RecipientSpec};
-use crate::reference::{ImageRef, Reference};
+use imgcrypt_registry::{Creds, ImageRef, Reference, RegistryOptions};
 
 /// Output settings.
 #[derive(Debug, Clone, Copy)]
@@ -20,21 +19,9 @@ pub struct Output {
     pub quiet: bool,
 }
 
-/// Registry access for one side (source or destination).
-#[derive(Debug, Clone)]
-pub struct Access {
-    /// Explicit credentials.
-    pub creds: Option<Creds>,
-    /// Verify the registry's TLS certificate (false: HTTPS without verification, or plain
-    /// HTTP when the registry does not speak TLS).
-    pub tls_verify: bool,
-    /// A certificate directory replacing the per-registry certs.d lookup.
-    pub cert_dir: Option<PathBuf>,
-    /// Auth file to use instead of the defaults.
-    pub authfile: Option<PathBuf>,
-    /// A registry request or transfer that makes no progress for this long fails.
-    pub stall_timeout: std::time::Duration,
-}
+/// Registry access for one side (source or destination): the registry client's options,
+/// filled from that side's flags.
+pub type Access = RegistryOptions;
 
 /// What a transform does.
 #[derive(Debug)]
@@ -231,18 +218,19 @@ fn access(t: &cli::TransportArgs, src: bool) -> Result<Access, CliError> {
         (None, Some(c)) => Some(Creds::parse(c, "--creds")?),
         (None, None) => None,
     };
-    Ok(Access {
-        creds,
-        tls_verify: side_tls.or(t.tls_verify).unwrap_or(true),
-        cert_dir: side_cert_dir.clone().or_else(|| t.cert_dir.clone()),
-        authfile: t.authfile.clone(),
-        stall_timeout: stall_timeout(t.stall_timeout)?,
-    })
+    let mut a = RegistryOptions::default()
+        .tls_verify(side_tls.or(t.tls_verify).unwrap_or(true))
+        .stall_timeout(stall_timeout(t.stall_timeout)?)
+        .cancel(crate::interrupt::cancel_flag());
+    a.creds = creds;
+    a.tls.cert_dir = side_cert_dir.clone().or_else(|| t.cert_dir.clone());
+    a.authfile = t.authfile.clone();
+    Ok(a)
 }
 
 fn stall_timeout(secs: Option<f64>) -> Result<std::time::Duration, CliError> {
     match secs {
-        None => Ok(crate::registry::DEFAULT_STALL),
+        None => Ok(imgcrypt_registry::client::DEFAULT_STALL),
         Some(s) if s.is_finite() && (0.1..=86_400.0).contains(&s) => {
             Ok(std::time::Duration::from_secs_f64(s))
         }
@@ -581,7 +569,7 @@ mod tests {
         assert_eq!(t.selection.layers, vec![-1, 0, 1]);
         assert_eq!(t.selection.platforms, vec!["linux/arm64".to_owned()]);
         assert!(matches!(t.op, OpSpec::Encrypt { ref recipients } if recipients.len() == 1));
-        assert!(t.src_access.tls_verify);
+        assert!(!t.src_access.tls.skip_verify);
         let c = cfg(&[
             "--tls-verify=false",
             "--creds",
@@ -593,7 +581,7 @@ mod tests {
         let Config::Inspect { access, .. } = c else {
             panic!()
         };
-        assert!(!access.tls_verify);
+        assert!(access.tls.skip_verify);
         assert_eq!(access.creds.unwrap().user, "u");
         assert!(cfg(&["decrypt", "oci:a", "oci:b"]).is_err());
         assert!(cfg(&[

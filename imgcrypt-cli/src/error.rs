@@ -7,7 +7,7 @@ use ocicrypt_core::keys::KeyError;
 use ocicrypt_core::recipients::RemoveError;
 use ocicrypt_core::Error as CoreError;
 
-use crate::registry::RegistryError;
+use imgcrypt_registry::Error as RegistryError;
 
 /// What went wrong, as far as a script cares: each kind has its own exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -207,6 +207,52 @@ pub struct KeyContext {
     pub key_sources: Vec<String>,
 }
 
+/// What the user sees for an error of the registry client (or of resolving how to reach a
+/// registry: references, credentials, certificate directories). Every registry error's kind
+/// and hint is decided here.
+pub fn from_registry(e: &RegistryError) -> CliError {
+    let msg = e.to_string();
+    match e {
+        RegistryError::Auth { .. } => CliError::new(ErrorKind::RegistryAuth, msg).hint(
+            "pass --creds USER:PASSWORD (or --src-creds/--dest-creds), or put the credentials in REGISTRY_AUTH_FILE or ~/.docker/config.json",
+        ),
+        RegistryError::Network { .. } => CliError::new(ErrorKind::Network, msg)
+            .hint("check the host and port, that the registry is running, and --tls-verify=false for a plain-HTTP registry"),
+        RegistryError::NotFound { .. } => CliError::new(ErrorKind::BadReference, msg)
+            .hint("check the repository and tag (skopeo list-tags docker://HOST/REPO lists the tags)"),
+        RegistryError::Tls { registry, failure } => {
+            CliError::new(ErrorKind::Network, msg).hint(failure.hint(registry))
+        }
+        RegistryError::BadReference { .. } => CliError::new(ErrorKind::BadReference, msg).hint(
+            "use oci:PATH[:TAG] for an OCI image layout, docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] for a registry, oci-archive:PATH[:TAG] or docker-archive:PATH[:NAME:TAG] for an archive",
+        ),
+        RegistryError::BadUrl { .. } => CliError::new(ErrorKind::BadReference, msg),
+        RegistryError::BadCreds { .. } => CliError::usage(msg),
+        RegistryError::AuthFileUnreadable { .. } => {
+            CliError::new(ErrorKind::RegistryAuth, msg).hint("check --authfile / REGISTRY_AUTH_FILE")
+        }
+        RegistryError::AuthFileSyntax { .. } => CliError::new(ErrorKind::RegistryAuth, msg)
+            .hint("fix or remove the file, or pass --creds USER:PASSWORD"),
+        RegistryError::AuthEntry { .. } => CliError::new(ErrorKind::RegistryAuth, msg),
+        RegistryError::CredHelper {
+            helper, field, path, ..
+        } => CliError::new(ErrorKind::RegistryAuth, msg).hint(format!(
+            "install docker-credential-{helper} on PATH or fix it, remove the {field} entry from {path}, or pass --creds USER:PASSWORD"
+        )),
+        RegistryError::CertDir { .. } => CliError::new(ErrorKind::Usage, msg).hint(
+            "fix the certificate directory (see containers-certs.d(5): *.crt CAs, NAME.cert with NAME.key)",
+        ),
+        RegistryError::Protocol { .. } | RegistryError::Client(_) => CliError::new(ErrorKind::Failure, msg),
+        _ => CliError::new(ErrorKind::Failure, msg),
+    }
+}
+
+impl From<RegistryError> for CliError {
+    fn from(e: RegistryError) -> Self {
+        from_registry(&e)
+    }
+}
+
 fn io_inner_registry(e: &std::io::Error) -> Option<&RegistryError> {
     e.get_ref().and_then(|i| i.downcast_ref::<RegistryError>())
 }
@@ -290,7 +336,7 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
         }
         CoreError::Io(io) => match io_inner_registry(io) {
             Some(r) => {
-                let mut c = r.to_cli();
+                let mut c = from_registry(r);
                 if let Some(ctx) = &ctx {
                     c.message = format!("{ctx}: {}", c.message);
                 }

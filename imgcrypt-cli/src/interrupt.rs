@@ -4,7 +4,7 @@
 //! with 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process killed by those signals.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use ocicrypt_core::image::ImageDest;
@@ -17,7 +17,7 @@ static PENDING: Mutex<Option<Arc<dyn ImageDest>>> = Mutex::new(None);
 /// Set by a signal: registry uploads stop feeding their bodies, end them cleanly and delete
 /// themselves under the location the registry then gives (a registry may refuse to delete an
 /// upload under the location it gave before the data was sent).
-static CANCELLED: AtomicBool = AtomicBool::new(false);
+static CANCELLED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// How long a run that writes to a registry is given to wind down after a signal.
 pub const WIND_DOWN: Duration = Duration::from_secs(5);
@@ -25,6 +25,12 @@ pub const WIND_DOWN: Duration = Duration::from_secs(5);
 /// True once SIGINT or SIGTERM arrived.
 pub fn cancelled() -> bool {
     CANCELLED.load(Ordering::SeqCst)
+}
+
+/// The flag set by a signal, for the registry client
+/// ([`RegistryOptions::cancel`](imgcrypt_registry::RegistryOptions::cancel)).
+pub fn cancel_flag() -> Arc<AtomicBool> {
+    Arc::clone(&CANCELLED)
 }
 
 /// True when a registry destination is being written (it winds down by itself, see

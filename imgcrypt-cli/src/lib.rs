@@ -4,16 +4,15 @@
 //! layouts (`oci:PATH[:TAG]`) and registries (`docker://HOST/REPO[:TAG]`), interoperable with
 //! skopeo and containerd's imgcrypt. The logic is in `ocicrypt-core`; this crate parses
 //! arguments ([`cli`]) into a validated [`config::Config`], runs it ([`commands`]) and maps
-//! errors to messages and exit codes ([`error`]). It also holds the registry client
-//! ([`registry`]), which streams blobs in both directions, and the process side of the
-//! containerd decoder `imgcrypt-decoder` ([`decoder`]).
+//! errors to messages and exit codes ([`error`]), including those of the registry client, which
+//! is the `imgcrypt-registry` crate. It also holds the process side of the containerd decoder
+//! `imgcrypt-decoder` ([`decoder`]).
 #![warn(missing_docs)]
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -23,8 +22,6 @@ pub mod error;
 pub mod interrupt;
 pub mod keyspec;
 pub mod progress;
-pub mod reference;
-pub mod registry;
 pub mod schemes;
 
 pub use error::{CliError, ErrorKind};

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::error::{CliError, ErrorKind};
+use crate::error::Error;
 
 /// Docker Hub's API host (`docker://busybox` means `docker.io/library/busybox`).
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
@@ -102,10 +102,11 @@ impl fmt::Display for RegistryRef {
     }
 }
 
-fn bad(input: &str, why: &str) -> CliError {
-    CliError::new(ErrorKind::BadReference, format!("bad image reference {input:?}: {why}")).hint(
-        "use oci:PATH[:TAG] for an OCI image layout, docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] for a registry, oci-archive:PATH[:TAG] or docker-archive:PATH[:NAME:TAG] for an archive",
-    )
+fn bad(input: &str, why: &str) -> Error {
+    Error::BadReference {
+        input: input.to_owned(),
+        why: why.to_owned(),
+    }
 }
 
 fn valid_tag(t: &str) -> bool {
@@ -143,8 +144,8 @@ impl ImageRef {
     /// Parses a reference.
     ///
     /// # Errors
-    /// [`ErrorKind::BadReference`] naming what is wrong.
-    pub fn parse(input: &str) -> Result<ImageRef, CliError> {
+    /// [`Error::BadReference`] naming what is wrong.
+    pub fn parse(input: &str) -> Result<ImageRef, Error> {
         if let Some(rest) = input.strip_prefix("oci:") {
             // As containers/image: the path ends at the first ':'.
             let (path, tag) = match rest.split_once(':') {
@@ -215,7 +216,7 @@ impl ImageRef {
         Err(bad(input, &why))
     }
 
-    fn parse_registry(input: &str, rest: &str) -> Result<RegistryRef, CliError> {
+    fn parse_registry(input: &str, rest: &str) -> Result<RegistryRef, Error> {
         if rest.is_empty() {
             return Err(bad(input, "no registry or repository"));
         }
@@ -304,7 +305,7 @@ mod tests {
         assert_eq!(ImageRef::parse("oci:x:v1").unwrap().to_string(), "oci:x:v1");
         for b in ["oci:", "oci::v1", "oci:/a:", "dir:/a", "/tmp/a", "docker:/x"] {
             let e = ImageRef::parse(b).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::BadReference, "{b}");
+            assert!(matches!(e, Error::BadReference { .. }), "{b}");
         }
     }
 
@@ -331,9 +332,8 @@ mod tests {
             "docker://h:99999/a",
             "docker://h.io//a",
         ] {
-            assert_eq!(
-                ImageRef::parse(b).unwrap_err().kind,
-                ErrorKind::BadReference,
+            assert!(
+                matches!(ImageRef::parse(b).unwrap_err(), Error::BadReference { .. }),
                 "{b}"
             );
         }

@@ -1,7 +1,7 @@
 //! Registry credentials: `--creds`, `--authfile`/`REGISTRY_AUTH_FILE`,
 //! `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.docker/config.json`; in each file a
 //! `credHelpers` entry for the registry, else `credsStore`, else the `auths` entry (Docker
-//! credential helpers run through [`imgcrypt_registry::credhelper`]).
+//! credential helpers run through [`crate::credhelper`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::cli::EnvVars;
-use crate::error::{CliError, ErrorKind};
+use crate::credhelper;
+use crate::error::Error;
 
 /// Largest auth file read (`auth.json`, `config.json`).
 pub const MAX_AUTH_FILE: u64 = 1 << 20;
@@ -40,15 +40,17 @@ impl Creds {
     /// Parses `USER:PASSWORD` (split at the first ':').
     ///
     /// # Errors
-    /// [`ErrorKind::Usage`].
-    pub fn parse(s: &str, flag: &str) -> Result<Creds, CliError> {
+    /// [`Error::BadCreds`] naming `origin`.
+    pub fn parse(s: &str, origin: &str) -> Result<Creds, Error> {
         match s.split_once(':') {
             Some((u, p)) if !u.is_empty() => Ok(Creds {
                 user: u.to_owned(),
                 password: Zeroizing::new(p.to_owned()),
-                origin: flag.to_owned(),
+                origin: origin.to_owned(),
             }),
-            _ => Err(CliError::usage(format!("{flag} must be USER:PASSWORD"))),
+            _ => Err(Error::BadCreds {
+                origin: origin.to_owned(),
+            }),
         }
     }
 
@@ -70,16 +72,16 @@ pub fn auth_files(explicit: Option<&Path>) -> Vec<(PathBuf, bool)> {
         out.push((p.to_owned(), true));
         return out;
     }
-    if let Some(p) = std::env::var_os(EnvVars::REGISTRY_AUTH_FILE).filter(|v| !v.is_empty()) {
+    if let Some(p) = std::env::var_os("REGISTRY_AUTH_FILE").filter(|v| !v.is_empty()) {
         out.push((PathBuf::from(p), true));
         return out;
     }
-    if let Some(d) = std::env::var_os(EnvVars::XDG_RUNTIME_DIR).filter(|v| !v.is_empty()) {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         out.push((PathBuf::from(d).join("containers").join("auth.json"), false));
     }
-    if let Some(d) = std::env::var_os(EnvVars::DOCKER_CONFIG).filter(|v| !v.is_empty()) {
+    if let Some(d) = std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
         out.push((PathBuf::from(d).join("config.json"), false));
-    } else if let Some(h) = std::env::var_os(EnvVars::HOME).filter(|v| !v.is_empty()) {
+    } else if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
         out.push((PathBuf::from(h).join(".docker").join("config.json"), false));
     }
     out
@@ -101,14 +103,12 @@ fn host_matches(key: &str, host: &str) -> bool {
 /// Looks `host` up in one auth file's JSON.
 ///
 /// # Errors
-/// [`ErrorKind::RegistryAuth`] for a malformed entry.
-pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>, CliError> {
-    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| {
-        CliError::new(
-            ErrorKind::RegistryAuth,
-            format!("auth file {origin} is not valid JSON: {e}"),
-        )
-        .hint("fix or remove the file, or pass --creds USER:PASSWORD")
+/// [`Error::AuthFileSyntax`], [`Error::AuthEntry`] for a malformed file or entry,
+/// [`Error::CredHelper`] when the helper it names fails.
+pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>, Error> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| Error::AuthFileSyntax {
+        path: origin.to_owned(),
+        detail: e.to_string(),
     })?;
     // As the Docker CLI: a credHelpers entry for the registry, else the credsStore, else auths.
     let helper = v
@@ -124,8 +124,8 @@ pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>,
                 .map(|n| (n, "credsStore"))
         });
     if let Some((name, field)) = helper {
-        let server = imgcrypt_registry::credhelper::server_for(host);
-        match imgcrypt_registry::credhelper::get(name, &server) {
+        let server = credhelper::server_for(host);
+        match credhelper::get(name, &server) {
             Ok(Some(c)) if !c.username.is_empty() => {
                 return Ok(Some(Creds {
                     user: c.username,
@@ -135,13 +135,13 @@ pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>,
             }
             Ok(_) => {}
             Err(e) => {
-                return Err(CliError::new(
-                    ErrorKind::RegistryAuth,
-                    format!("registry {host}: {e} ({field} in {origin})"),
-                )
-                .hint(format!(
-                    "install docker-credential-{name} on PATH or fix it, remove the {field} entry from {origin}, or pass --creds USER:PASSWORD"
-                )))
+                return Err(Error::CredHelper {
+                    registry: host.to_owned(),
+                    helper: name.to_owned(),
+                    field,
+                    path: origin.to_owned(),
+                    source: Box::new(e),
+                })
             }
         }
     }
@@ -159,30 +159,20 @@ pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>,
         else {
             continue;
         };
+        let bad_entry = |problem: String| Error::AuthEntry {
+            path: origin.to_owned(),
+            key: key.clone(),
+            problem,
+        };
         let raw = Zeroizing::new(
             base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
-                .map_err(|e| {
-                    CliError::new(
-                        ErrorKind::RegistryAuth,
-                        format!("auth file {origin}: the \"auth\" entry for {key} is not base64: {e}"),
-                    )
-                })?,
+                .map_err(|e| bad_entry(format!("not base64: {e}")))?,
         );
-        let text = std::str::from_utf8(&raw).map_err(|_| {
-            CliError::new(
-                ErrorKind::RegistryAuth,
-                format!("auth file {origin}: the \"auth\" entry for {key} is not UTF-8"),
-            )
-        })?;
+        let text = std::str::from_utf8(&raw).map_err(|_| bad_entry("not UTF-8".into()))?;
         return Creds::parse(text, &format!("auth file {origin}"))
             .map(Some)
-            .map_err(|_| {
-                CliError::new(
-                    ErrorKind::RegistryAuth,
-                    format!("auth file {origin}: the \"auth\" entry for {key} is not base64(USER:PASSWORD)"),
-                )
-            });
+            .map_err(|_| bad_entry("not base64(USER:PASSWORD)".into()));
     }
     Ok(None)
 }
@@ -190,12 +180,13 @@ pub fn lookup_in(json: &[u8], host: &str, origin: &str) -> Result<Option<Creds>,
 /// Finds credentials for `host`: `explicit` first, then the auth files.
 ///
 /// # Errors
-/// [`ErrorKind::RegistryAuth`] when an explicitly named auth file cannot be read or parsed.
+/// [`Error::AuthFileUnreadable`] when an explicitly named auth file cannot be read, and the
+/// errors of [`lookup_in`].
 pub fn find_creds(
     host: &str,
     explicit: Option<Creds>,
     authfile: Option<&Path>,
-) -> Result<Option<Creds>, CliError> {
+) -> Result<Option<Creds>, Error> {
     if explicit.is_some() {
         return Ok(explicit);
     }
@@ -204,11 +195,10 @@ pub fn find_creds(
             Ok(b) => Zeroizing::new(b),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                return Err(CliError::new(
-                    ErrorKind::RegistryAuth,
-                    format!("cannot read auth file {}: {e}", path.display()),
-                )
-                .hint("check --authfile / REGISTRY_AUTH_FILE"))
+                return Err(Error::AuthFileUnreadable {
+                    path: path.display().to_string(),
+                    source: e,
+                })
             }
         };
         if let Some(c) = lookup_in(&bytes, host, &path.display().to_string())? {
@@ -240,10 +230,10 @@ mod tests {
         let c = lookup_in(json, "docker.io", "f").unwrap().unwrap();
         assert_eq!(c.user, "bob");
         assert!(lookup_in(json, "127.0.0.1:5001", "f").unwrap().is_none());
-        assert_eq!(
-            lookup_in(b"{", "h", "f").unwrap_err().kind,
-            ErrorKind::RegistryAuth
-        );
+        assert!(matches!(
+            lookup_in(b"{", "h", "f").unwrap_err(),
+            Error::AuthFileSyntax { .. }
+        ));
         assert!(lookup_in(br#"{"auths":{"h":{"auth":"!!"}}}"#, "h", "f").is_err());
     }
 }

@@ -7,7 +7,7 @@
 //!   the stream reached end-of-file cleanly. A failed stream aborts the `PATCH` and the upload
 //!   is `DELETE`d: nothing is committed, and nothing is tagged (the tag is pushed last).
 //! * Authentication: HTTP Basic and the Bearer token challenge flow (`WWW-Authenticate`), with
-//!   credentials from `--creds`, auth files or none. Credentials (Basic or bearer) are sent only
+//!   credentials given, from auth files and credential helpers ([`crate::auth`]), or none. Credentials (Basic or bearer) are sent only
 //!   to the registry's own scheme, host and port, and Basic credentials to the token realm the
 //!   registry names; an upload `Location` on another host gets none. A relative `Location` is
 //!   resolved against the URL of the answer that carried it.
@@ -15,12 +15,14 @@
 //!   [`MAX_TOKEN_BODY`] for token answers; blobs stop at their declared size), and every
 //!   transfer must move at least [`MIN_PROGRESS`] bytes per stall timeout
 //!   ([`RegistryOptions::stall_timeout`]) or it fails.
-//! * TLS as containers/image sets it up ([`imgcrypt_registry::tls`]): web roots, the system
+//! * TLS as containers/image sets it up ([`crate::tls`]): web roots, the system
 //!   store, `certs.d` and `--cert-dir`, client certificates. `--tls-verify=false` means HTTPS
 //!   without verification, and plain HTTP only when the registry does not speak TLS.
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,14 +42,13 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use zeroize::Zeroizing;
 
-use imgcrypt_registry::tls::{self, RegistryTls, TlsFailure, TlsOptions};
-
-use crate::auth::Creds;
-use crate::error::{CliError, ErrorKind};
+use crate::auth::{find_creds, Creds};
+use crate::error::Error as RegistryError;
 use crate::reference::{Reference, RegistryRef};
+use crate::tls::{self, RegistryTls, TlsOptions};
 
 /// Largest manifest, index or config read into memory.
-const MAX_SMALL: u64 = 32 << 20;
+pub const MAX_SMALL: u64 = 32 << 20;
 /// Size of the chunks a pushed stream is cut into.
 const CHUNK: usize = 256 << 10;
 /// Chunks buffered between the producer and the HTTP body.
@@ -65,87 +66,85 @@ pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// What went wrong talking to a registry. Carried inside [`CoreError::Io`] through the image
-/// operations, and classified by [`crate::error::from_core`].
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RegistryError {
-    /// Credentials missing or refused.
-    #[error("registry {registry}: authentication failed: {detail}")]
-    Auth {
-        /// `host[:port]`.
-        registry: String,
-        /// What happened.
-        detail: String,
-    },
-    /// The registry cannot be reached, timed out or failed (5xx).
-    #[error("registry {registry}: {detail}")]
-    Network {
-        /// `host[:port]`.
-        registry: String,
-        /// What happened.
-        detail: String,
-    },
-    /// The image or a blob does not exist.
-    #[error("{what} does not exist in registry {registry}")]
-    NotFound {
-        /// `host[:port]`.
-        registry: String,
-        /// What was asked for.
-        what: String,
-    },
-    /// The TLS handshake failed (certificate not trusted, expired, wrong name; client
-    /// certificate required; plain HTTP).
-    #[error("registry {registry}: TLS handshake failed: {}", failure.reason())]
-    Tls {
-        /// `host[:port]`.
-        registry: String,
-        /// Why.
-        failure: TlsFailure,
-    },
-    /// The registry said no (another 4xx) or answered something unexpected.
-    #[error("registry {registry}: {detail}")]
-    Protocol {
-        /// `host[:port]`.
-        registry: String,
-        /// What happened.
-        detail: String,
-    },
-}
-
-impl RegistryError {
-    /// What the user sees.
-    pub fn to_cli(&self) -> CliError {
-        match self {
-            RegistryError::Auth { .. } => CliError::new(ErrorKind::RegistryAuth, self.to_string()).hint(
-                "pass --creds USER:PASSWORD (or --src-creds/--dest-creds), or put the credentials in REGISTRY_AUTH_FILE or ~/.docker/config.json",
-            ),
-            RegistryError::Network { .. } => CliError::new(ErrorKind::Network, self.to_string())
-                .hint("check the host and port, that the registry is running, and --tls-verify=false for a plain-HTTP registry"),
-            RegistryError::NotFound { .. } => CliError::new(ErrorKind::BadReference, self.to_string())
-                .hint("check the repository and tag (skopeo list-tags docker://HOST/REPO lists the tags)"),
-            RegistryError::Tls { registry, failure } => {
-                CliError::new(ErrorKind::Network, self.to_string()).hint(failure.hint(registry))
-            }
-            RegistryError::Protocol { .. } => CliError::new(ErrorKind::Failure, self.to_string()),
-        }
-    }
-}
-
 fn core(e: RegistryError) -> CoreError {
-    CoreError::Io(io::Error::other(e))
+    e.into()
 }
 
-/// Connection options.
+/// How to reach a registry: credentials, TLS, timeouts. [`Default`] is what skopeo does
+/// without flags: verify TLS, look credentials up in the auth files, certs.d per registry.
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
-    /// Credentials, if any.
+    /// Credentials given explicitly (`--creds`); when `None`, the auth files are consulted
+    /// (see [`find_creds`]).
     pub creds: Option<Creds>,
+    /// The auth file to read instead of `REGISTRY_AUTH_FILE` and the default locations
+    /// (`--authfile`).
+    pub authfile: Option<PathBuf>,
     /// TLS: verification, certificate directory.
     pub tls: TlsOptions,
     /// A request whose answer does not start, or a transfer that moves fewer than
     /// [`MIN_PROGRESS`] bytes, within this time fails.
     pub stall_timeout: Duration,
+    /// When set, uploads stop feeding their bodies, end them cleanly and delete themselves:
+    /// set it from a signal handler to wind a push down (see [`ImageDest::abort`]).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            creds: None,
+            authfile: None,
+            tls: TlsOptions::default(),
+            stall_timeout: DEFAULT_STALL,
+            cancel: None,
+        }
+    }
+}
+
+impl RegistryOptions {
+    /// Uses these credentials instead of the auth files.
+    #[must_use]
+    pub fn creds(mut self, creds: Creds) -> Self {
+        self.creds = Some(creds);
+        self
+    }
+
+    /// Reads credentials from this auth file instead of the default ones.
+    #[must_use]
+    pub fn authfile(mut self, path: impl Into<PathBuf>) -> Self {
+        self.authfile = Some(path.into());
+        self
+    }
+
+    /// `false`: HTTPS without verifying the certificate, or plain HTTP when the registry does
+    /// not speak TLS (skopeo's `--tls-verify=false`).
+    #[must_use]
+    pub fn tls_verify(mut self, verify: bool) -> Self {
+        self.tls.skip_verify = !verify;
+        self
+    }
+
+    /// A certificate directory used instead of the per-registry certs.d lookup (`--cert-dir`).
+    #[must_use]
+    pub fn cert_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.tls.cert_dir = Some(dir.into());
+        self
+    }
+
+    /// See [`RegistryOptions::stall_timeout`](#structfield.stall_timeout).
+    #[must_use]
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t;
+        self
+    }
+
+    /// See [`RegistryOptions::cancel`](#structfield.cancel).
+    #[must_use]
+    pub fn cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
 }
 
 /// An image in a registry, readable and writable.
@@ -162,6 +161,7 @@ pub struct RegistryImage {
     creds: Option<Creds>,
     push: bool,
     skip_verify: bool,
+    cancel: Option<Arc<AtomicBool>>,
     auth: Mutex<Option<Zeroizing<String>>>,
     root: Mutex<Option<(Descriptor, Vec<u8>)>>,
     uploads: Mutex<Vec<String>>,
@@ -313,16 +313,18 @@ enum PumpError {
 }
 
 impl RegistryImage {
-    /// A handle on `r`; `push` asks for push access when authenticating.
+    /// A handle on `r`; `push` asks for push access when authenticating. Credentials are
+    /// `opts.creds`, else what [`find_creds`] finds in the auth files.
     ///
     /// # Errors
-    /// [`ErrorKind::Failure`] if the HTTP client cannot be built.
-    pub fn new(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, CliError> {
+    /// The errors of [`find_creds`]; [`RegistryError::CertDir`] for a certificate directory
+    /// that cannot be used; [`RegistryError::Client`] if the HTTP client cannot be built.
+    pub fn new(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, RegistryError> {
+        let creds = find_creds(&r.host, opts.creds, opts.authfile.as_deref())?;
         let base = format!("https://{}", r.api_host());
-        let tls = RegistryTls::new(&r.host, &opts.tls).map_err(|e| {
-            CliError::new(ErrorKind::Usage, format!("registry {}: {e}", r.host)).hint(
-                "fix the certificate directory (see containers-certs.d(5): *.crt CAs, NAME.cert with NAME.key)",
-            )
+        let tls = RegistryTls::new(&r.host, &opts.tls).map_err(|e| RegistryError::CertDir {
+            registry: r.host.clone(),
+            source: Box::new(e),
         })?;
         let builder = || {
             tls.apply(
@@ -331,17 +333,13 @@ impl RegistryImage {
                     .connect_timeout(Duration::from_secs(15)),
             )
         };
-        let err = |e: reqwest::Error| {
-            CliError::new(ErrorKind::Failure, format!("cannot build the HTTP client: {e}"))
-        };
+        let err = |e: reqwest::Error| RegistryError::Client(e.to_string());
         let stall = opts.stall_timeout.max(Duration::from_millis(100));
         let client = builder().read_timeout(stall).build().map_err(err)?;
         let upload_client = builder().build().map_err(err)?;
-        let origin = reqwest::Url::parse(&base).map_err(|e| {
-            CliError::new(
-                ErrorKind::BadReference,
-                format!("{base} is not a valid registry URL: {e}"),
-            )
+        let origin = reqwest::Url::parse(&base).map_err(|e| RegistryError::BadUrl {
+            url: base.clone(),
+            detail: e.to_string(),
         })?;
         Ok(Self {
             r,
@@ -350,9 +348,10 @@ impl RegistryImage {
             client,
             upload_client,
             stall,
-            creds: opts.creds,
+            creds,
             push,
             skip_verify: opts.tls.skip_verify,
+            cancel: opts.cancel,
             auth: Mutex::new(None),
             root: Mutex::new(None),
             uploads: Mutex::new(Vec::new()),
@@ -365,7 +364,7 @@ impl RegistryImage {
     ///
     /// # Errors
     /// As [`new`](Self::new).
-    pub async fn connect(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, CliError> {
+    pub async fn connect(r: RegistryRef, opts: RegistryOptions, push: bool) -> Result<Self, RegistryError> {
         let mut img = Self::new(r, opts, push)?;
         if img.skip_verify {
             img.pick_scheme().await;
@@ -959,11 +958,13 @@ impl RegistryImage {
         });
         let body = reqwest::Body::wrap_stream(body_stream);
         let pump_activity = Arc::clone(&activity);
+        let cancel = self.cancel.clone();
+        let cancelled = move || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst));
         let pump = async move {
             let mut hasher = Sha256::new();
             let mut len = 0u64;
             loop {
-                if crate::interrupt::cancelled() {
+                if cancelled() {
                     return Err(PumpError::Cancelled);
                 }
                 let mut buf = vec![0u8; CHUNK];
