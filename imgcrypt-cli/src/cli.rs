@@ -254,6 +254,10 @@ pub struct EncryptArgs {
     /// Layers and platforms.
     #[command(flatten)]
     pub selection: SelectionArgs,
+    /// Leave unencrypted every layer this base image (any transport, read with the source's
+    /// registry options) has for the same platform; only the other layers are encrypted.
+    #[arg(long = "skip-base", value_name = "IMAGE")]
+    pub skip_base: Option<String>,
     /// The source image.
     pub src: String,
     /// The destination image.

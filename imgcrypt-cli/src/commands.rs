@@ -328,6 +328,21 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     let src = open_source(&t.src, &t.src_access).await?;
     // Surface a missing image or an unreachable source before creating anything.
     let src_root = src.root().await.map_err(|e| from_core(&e, &keyctx))?;
+    let mut selection = t.selection;
+    if let Some(base) = &t.skip_base {
+        let b = open_source(base, &t.src_access).await.map_err(|mut e| {
+            e.message = format!("--skip-base: {}", e.message);
+            e
+        })?;
+        let layers = ocicrypt_core::image::base::BaseImage::read(b.as_ref())
+            .await
+            .map_err(|e| {
+                let mut c = from_core(&e, &keyctx);
+                c.message = format!("--skip-base {base}: {}", c.message);
+                c
+            })?;
+        selection.skip_base = Some(Arc::new(layers));
+    }
     // Writing a layout onto itself: what the replaced image alone used is removed afterwards.
     let in_place_layout = match (&t.src, &t.dst) {
         (ImageRef::Layout { path: a, tag }, ImageRef::Layout { path: b, .. }) if same_dir(a, b) => {
@@ -342,8 +357,7 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     let dst = open_dest(&t.dst, &t.dst_access).await?;
     let show = ctx.tty && !ctx.output.json && !ctx.output.quiet;
     crate::interrupt::arm(Arc::clone(&dst));
-    let report =
-        ops::transform_image(src, dst, op, t.selection, progress::reporter(show), t.concurrency).await;
+    let report = ops::transform_image(src, dst, op, selection, progress::reporter(show), t.concurrency).await;
     crate::interrupt::disarm();
     let report = report.map_err(|e| {
         let mut c = from_core(&e, &keyctx);
@@ -381,7 +395,7 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
     let changed = report
         .layers
         .iter()
-        .filter(|l| l.action != "kept" && l.action != "unchanged")
+        .filter(|l| !matches!(l.action, "kept" | "unchanged" | "base"))
         .count();
     let encrypted_seen = report.layers.iter().any(|l| l.recipients.is_some());
     if changed == 0 && !ctx.output.json && !ctx.output.quiet {
@@ -513,14 +527,22 @@ async fn inspect(image: &ImageRef, access: &Access, ctx: &mut Ctx<'_>) -> Result
             .as_deref()
             .map(|p| format!("platform {p}, "))
             .unwrap_or_default();
+        let base = m.layers.iter().filter(|l| l.base).count();
+        let base = if base > 0 {
+            format!(", {base} base")
+        } else {
+            String::new()
+        };
         ctx.print(&format!(
-            "{plat}manifest {}: {} layer(s), {enc} encrypted",
+            "{plat}manifest {}: {} layer(s), {enc} encrypted{base}",
             m.digest,
             m.layers.len()
         ));
         for l in &m.layers {
             let state = if l.encrypted {
                 format!("encrypted for {}", scheme_text(l))
+            } else if l.base {
+                "plain (base layer: left unencrypted by encrypt --skip-base)".to_owned()
             } else {
                 "plain".to_owned()
             };
@@ -551,8 +573,8 @@ async fn check(
     let (unwrappers, keyctx) = schemes::unwrappers(keys)?;
     let src = open_source(image, access).await?;
     let sel = LayerSelection {
-        layers: vec![],
         platforms,
+        ..LayerSelection::default()
     };
     let checks: Vec<LayerCheck> = ops::check_authorization(src.as_ref(), &unwrappers, &sel)
         .await

@@ -94,6 +94,8 @@ pub struct Transform {
     pub op: OpSpec,
     /// Layers and platforms.
     pub selection: LayerSelection,
+    /// `encrypt --skip-base`: the base image, read with `src_access`.
+    pub skip_base: Option<ImageRef>,
     /// Layers in flight.
     pub concurrency: usize,
 }
@@ -282,6 +284,7 @@ fn selection(s: &cli::SelectionArgs) -> Result<LayerSelection, CliError> {
     Ok(LayerSelection {
         layers: s.layers.clone(),
         platforms: s.platforms.clone(),
+        skip_base: None,
     })
 }
 
@@ -328,20 +331,31 @@ impl Config {
                 dst_access: access(&t, false)?,
                 op,
                 selection: selection(sel)?,
+                skip_base: None,
                 concurrency,
             })))
         };
         let cfg = match &cli.command {
-            Command::Encrypt(a) => transform(
-                &a.src,
-                &a.dst,
-                OpSpec::Encrypt {
-                    recipients: recipients(&a.recipients)?,
-                },
-                &a.selection,
-                &a.transport,
-                a.concurrency,
-            )?,
+            Command::Encrypt(a) => {
+                let mut cfg = transform(
+                    &a.src,
+                    &a.dst,
+                    OpSpec::Encrypt {
+                        recipients: recipients(&a.recipients)?,
+                    },
+                    &a.selection,
+                    &a.transport,
+                    a.concurrency,
+                )?;
+                if let (Config::Transform(t), Some(base)) = (&mut cfg, &a.skip_base) {
+                    t.skip_base = Some(ImageRef::parse(base).map_err(|e| {
+                        let mut e = e;
+                        e.message = format!("--skip-base: {}", e.message);
+                        e
+                    })?);
+                }
+                cfg
+            }
             Command::Decrypt(a) => {
                 let k = keys(&a.keys)?;
                 require_keys(&k, "decrypt")?;

@@ -423,6 +423,7 @@ async fn layer_selection_platforms_recipients_and_check() {
     let sel = LayerSelection {
         layers: vec![-1],
         platforms: vec!["linux/arm64".into()],
+        ..LayerSelection::default()
     };
     run(
         &src,

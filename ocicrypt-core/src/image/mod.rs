@@ -22,6 +22,7 @@ use tokio::io::AsyncRead;
 use crate::keywrap::BoxFuture;
 use crate::Error;
 
+pub mod base;
 pub mod digest;
 pub mod gc;
 pub mod gojson;

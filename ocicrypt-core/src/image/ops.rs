@@ -7,6 +7,7 @@ use futures::StreamExt;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Serialize;
 
+use super::base::{BaseImage, BASE_LAYER_ANNOTATION};
 use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
 use super::{ImageDest, ImageSource};
 use crate::cipher::io::to_io;
@@ -69,6 +70,12 @@ pub struct LayerSelection {
     pub layers: Vec<i64>,
     /// Platforms of a multi-arch index, `os/arch[/variant]`.
     pub platforms: Vec<String>,
+    /// Encrypt only: leave unencrypted (and mark with
+    /// [`BASE_LAYER_ANNOTATION`](super::base::BASE_LAYER_ANNOTATION)) every layer this base
+    /// image has for the same platform. A selected manifest that shares no layer with the base,
+    /// or whose every encryptable layer is in it, is an [`Error::Selection`], as is a `layers`
+    /// index naming a base layer.
+    pub skip_base: Option<Arc<BaseImage>>,
 }
 
 impl LayerSelection {
@@ -149,7 +156,10 @@ impl LayerSelection {
 }
 
 /// The `os/arch[/variant]` an image config names, if it names one.
-async fn config_platform(src: &dyn ImageSource, config: &Descriptor) -> Result<Option<String>, Error> {
+pub(crate) async fn config_platform(
+    src: &dyn ImageSource,
+    config: &Descriptor,
+) -> Result<Option<String>, Error> {
     let bytes = src.read_small(config).await?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let field = |k: &str| {
@@ -284,7 +294,7 @@ pub async fn transform_image(
     }
 }
 
-fn is_index(media_type: &str, bytes: &[u8]) -> bool {
+pub(crate) fn is_index(media_type: &str, bytes: &[u8]) -> bool {
     if media_type == mt::OCI_INDEX || media_type == mt::DOCKER_MANIFEST_LIST {
         return true;
     }
@@ -367,6 +377,8 @@ async fn run(ctx: &Arc<Ctx>) -> Result<TransformReport, Error> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Action {
     Keep,
+    /// Kept unencrypted because the `--skip-base` image has it; marked.
+    Base,
     Encrypt,
     Decrypt,
     Rewrap,
@@ -385,11 +397,34 @@ async fn process_manifest(
         None => ctx.src.describe(),
     };
     let count = manifest.layers().len();
+    // `--skip-base`: the base's layers for this manifest's platform.
+    let base = match (&ctx.op, &ctx.sel.skip_base) {
+        (Operation::Encrypt { .. }, Some(b)) if selected => {
+            let platform = match desc.platform() {
+                Some(p) => Some(platform_name(p)),
+                None => config_platform(ctx.src.as_ref(), manifest.config()).await?,
+            };
+            Some((b, b.layers_for(platform.as_deref(), &image_name)?))
+        }
+        _ => None,
+    };
     let mut actions = Vec::with_capacity(count);
     for (i, layer) in manifest.layers().iter().enumerate() {
         let chosen = selected && ctx.sel.layer_selected(i, count)?;
         let media = layer.media_type().to_string();
         let encrypted = mt::is_encrypted(&media);
+        if let Some((b, digests)) = base {
+            if !encrypted && digests.contains(&layer.digest().to_string()) {
+                if chosen && !ctx.sel.layers.is_empty() {
+                    return Err(Error::Selection(format!(
+                        "--layer selects layer {i} of {image_name}, which --skip-base {} has: leave it out of --layer, or drop --skip-base to encrypt it",
+                        b.name()
+                    )));
+                }
+                actions.push(Action::Base);
+                continue;
+            }
+        }
         let action = match (&ctx.op, chosen) {
             (_, false) | (Operation::Copy, _) => Action::Keep,
             (Operation::Encrypt { .. }, true) => {
@@ -426,6 +461,20 @@ async fn process_manifest(
             _ => Action::Keep,
         };
         actions.push(action);
+    }
+    if let Some((b, _)) = base {
+        if !actions.contains(&Action::Base) {
+            return Err(Error::Selection(format!(
+                "--skip-base {} shares no layer with {image_name}, so every layer would be encrypted: check that it is the image this one was built on (layers are compared by the digests the manifests name)",
+                b.name()
+            )));
+        }
+        if !actions.contains(&Action::Encrypt) {
+            return Err(Error::Selection(format!(
+                "every layer of {image_name} that would be encrypted is in --skip-base {}, so nothing would be encrypted",
+                b.name()
+            )));
+        }
     }
 
     // Config: copied as is.
@@ -469,10 +518,18 @@ async fn process_manifest(
         .buffered(ctx.concurrency)
         .collect()
         .await;
+    let decrypted_still_encrypted = results.iter().zip(&actions).any(|(r, a)| match r {
+        Ok((d, _)) => *a != Action::Decrypt && mt::is_encrypted(d.media_type().as_ref()),
+        Err(_) => false,
+    });
     let mut new_layers = Vec::with_capacity(count);
     let mut reports = Vec::new();
     for ((res, old), action) in results.into_iter().zip(manifest.layers()).zip(&actions) {
-        let (d, note) = res?;
+        let (mut d, note) = res?;
+        if matches!(ctx.op, Operation::Decrypt { .. }) && !decrypted_still_encrypted {
+            // Back to all-plain layers: the base-layer marks `--skip-base` added go too.
+            strip_base_mark(&mut d);
+        }
         let recipients = if mt::is_encrypted(d.media_type().as_ref()) {
             LayerRecipients::from_annotations(&annotations_of(&d)).ok()
         } else {
@@ -485,6 +542,7 @@ async fn process_manifest(
             index: new_layers.len(),
             action: match action {
                 Action::Keep => "kept",
+                Action::Base => "base",
                 Action::Encrypt => "encrypted",
                 Action::Decrypt => "decrypted",
                 Action::Rewrap if rewrap_changed => "rewrapped",
@@ -556,6 +614,17 @@ async fn copy_blob(ctx: &Ctx, desc: &Descriptor) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes the [`BASE_LAYER_ANNOTATION`] from a layer descriptor (and an annotation map left
+/// empty by that, as the descriptor had none before).
+fn strip_base_mark(d: &mut Descriptor) {
+    let Some(mut ann) = d.annotations().clone() else {
+        return;
+    };
+    if ann.remove(BASE_LAYER_ANNOTATION).is_some() {
+        d.set_annotations(if ann.is_empty() { None } else { Some(ann) });
+    }
+}
+
 fn annotations_of(desc: &Descriptor) -> BTreeMap<String, String> {
     desc.annotations()
         .as_ref()
@@ -595,11 +664,17 @@ async fn process_data(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Res
         .take(12)
         .collect::<String>();
     match action {
-        Action::Keep => {
+        Action::Keep | Action::Base => {
             ctx.progress.start(&short, layer.size(), "copy");
             copy_blob(ctx, layer).await?;
             ctx.progress.finish(&short);
-            Ok(layer.clone())
+            let mut d = layer.clone();
+            if action == Action::Base {
+                let mut ann = d.annotations().clone().unwrap_or_default();
+                ann.insert(BASE_LAYER_ANNOTATION.to_owned(), "true".to_owned());
+                d.set_annotations(Some(ann));
+            }
+            Ok(d)
         }
         Action::Encrypt => {
             let Operation::Encrypt { wrappers } = &ctx.op else {
@@ -848,6 +923,10 @@ pub struct LayerInfo {
     /// Who can decrypt it: JWE key ids (RFC 7638 thumbprints) and other schemes' entries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recipients: Option<LayerRecipients>,
+    /// Left unencrypted by `encrypt --skip-base` because the base image has it (the
+    /// [`BASE_LAYER_ANNOTATION`] mark).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub base: bool,
 }
 
 /// One manifest, as seen by [`inspect`].
@@ -941,6 +1020,7 @@ pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
                         encrypted: mt::is_encrypted(l.media_type().as_ref()),
                         schemes,
                         recipients: who.filter(|w| w.count() > 0),
+                        base: ann.get(BASE_LAYER_ANNOTATION).map(String::as_str) == Some("true"),
                     }
                 })
                 .collect(),
