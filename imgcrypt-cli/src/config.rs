@@ -349,7 +349,7 @@ impl Config {
                 )?;
                 if let (Config::Transform(t), Some(base)) = (&mut cfg, &a.skip_base) {
                     t.skip_base = Some(ImageRef::parse(base).map_err(|e| {
-                        let mut e = e;
+                        let mut e = CliError::from(e);
                         e.message = format!("--skip-base: {}", e.message);
                         e
                     })?);
