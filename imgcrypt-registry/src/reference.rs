@@ -67,6 +67,21 @@ impl Reference {
 }
 
 impl RegistryRef {
+    /// Parses `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]` (`docker://busybox` is Docker Hub's
+    /// `library/busybox:latest`).
+    ///
+    /// # Errors
+    /// [`Error::BadReference`] naming what is wrong, also for another transport.
+    pub fn parse(input: &str) -> Result<RegistryRef, Error> {
+        match ImageRef::parse(input)? {
+            ImageRef::Registry(r) => Ok(r),
+            _ => Err(bad(
+                input,
+                "not a registry image: write docker://HOST[:PORT]/REPO[:TAG]",
+            )),
+        }
+    }
+
     /// The host the API is served from (`registry-1.docker.io` for `docker.io`).
     pub fn api_host(&self) -> &str {
         if self.host == "docker.io" {
@@ -90,6 +105,22 @@ impl fmt::Display for ImageRef {
             }
             ImageRef::DockerArchive { path, name: None } => write!(f, "docker-archive:{}", path.display()),
         }
+    }
+}
+
+impl std::str::FromStr for RegistryRef {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        RegistryRef::parse(s)
+    }
+}
+
+impl std::str::FromStr for ImageRef {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        ImageRef::parse(s)
     }
 }
 
@@ -324,6 +355,11 @@ mod tests {
         );
         assert_eq!(r.reference, Reference::Tag("latest".into()));
         assert_eq!(reg("docker://h.io/a/b").to_string(), "docker://h.io/a/b:latest");
+        assert_eq!(
+            "docker://h.io/a/b:v1".parse::<RegistryRef>().unwrap(),
+            reg("docker://h.io/a/b:v1")
+        );
+        assert!(RegistryRef::parse("oci:/tmp/x").is_err());
         for b in [
             "docker://",
             "docker://h.io/App:v1",
