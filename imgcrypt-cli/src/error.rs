@@ -253,10 +253,6 @@ impl From<RegistryError> for CliError {
     }
 }
 
-fn io_inner_registry(e: &std::io::Error) -> Option<&RegistryError> {
-    e.get_ref().and_then(|i| i.downcast_ref::<RegistryError>())
-}
-
 fn io_inner_core(e: &std::io::Error) -> Option<&CoreError> {
     e.get_ref().and_then(|i| i.downcast_ref::<CoreError>())
 }
@@ -334,7 +330,7 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
             }
             c
         }
-        CoreError::Io(io) => match io_inner_registry(io) {
+        CoreError::Io(_) => match RegistryError::find(root) {
             Some(r) => {
                 let mut c = from_registry(r);
                 if let Some(ctx) = &ctx {

@@ -151,3 +151,29 @@ impl From<Error> for ocicrypt_core::Error {
         ocicrypt_core::Error::Io(std::io::Error::other(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ocicrypt_core::Error as CoreError;
+
+    #[test]
+    fn found_through_layers_and_streams() {
+        let reg = || Error::NotFound {
+            registry: "h:1".into(),
+            what: "blob x".into(),
+        };
+        let direct: CoreError = reg().into();
+        assert!(matches!(Error::find(&direct), Some(Error::NotFound { .. })));
+        // A layer's stream failed with a registry error, carried as an I/O error.
+        let layered = CoreError::Layer {
+            image: "docker://h:1/a:v1".into(),
+            index: 0,
+            digest: "sha256:ab".into(),
+            source: Box::new(CoreError::Io(std::io::Error::other(CoreError::from(reg())))),
+        };
+        assert!(matches!(Error::find(&layered), Some(Error::NotFound { .. })));
+        assert!(Error::find(&CoreError::AuthenticationFailed).is_none());
+        assert!(Error::find(&CoreError::Io(std::io::Error::other("plain"))).is_none());
+    }
+}
