@@ -266,19 +266,36 @@ fn key_id(files: &[std::path::PathBuf], ctx: &mut Ctx<'_>) -> Result<(), CliErro
     Ok(())
 }
 
-/// Names for key ids: `jwe:FILE` for the recipients given on the command line.
+/// Names for key ids: `jwe:FILE`, `pkcs7:FILE`, `pgp:FILE` for the recipients given on the
+/// command line (gpg names are not looked up a second time).
 fn recipient_labels(
     recipients: &[crate::keyspec::RecipientSpec],
 ) -> std::collections::BTreeMap<String, String> {
-    recipients
-        .iter()
-        .filter_map(|r| match r {
-            crate::keyspec::RecipientSpec::Jwe(p) => {
-                key_file_id(p).ok().map(|id| (id, format!("jwe:{}", p.display())))
+    use crate::keyspec::RecipientSpec;
+    let mut out = std::collections::BTreeMap::new();
+    for r in recipients {
+        match r {
+            RecipientSpec::Jwe(p) => {
+                if let Ok(id) = key_file_id(p) {
+                    out.insert(id, format!("jwe:{}", p.display()));
+                }
             }
-            _ => None,
-        })
-        .collect()
+            RecipientSpec::Pkcs7(p) => {
+                if let Ok(c) = ocicrypt_core::pkcs7::Certificate::from_file(p) {
+                    out.insert(c.recipient_id(), format!("pkcs7:{}", p.display()));
+                }
+            }
+            RecipientSpec::Pgp(v) if Path::new(v).is_file() => {
+                for k in ocicrypt_core::pgp::PgpPublicKey::from_file(Path::new(v)).unwrap_or_default() {
+                    if let Some(id) = k.encryption_key_id() {
+                        out.insert(id, format!("pgp:{v}"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn label(labels: &std::collections::BTreeMap<String, String>, id: &str) -> String {
@@ -458,8 +475,10 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
                 let who: Vec<String> = r
                     .describe()
                     .iter()
-                    .map(|d| match d.strip_prefix("jwe:") {
-                        Some(id) if labels.contains_key(id) => format!("jwe:{}", label(&labels, id)),
+                    .map(|d| match d.split_once(':') {
+                        Some((scheme, id)) if labels.contains_key(id) => {
+                            format!("{scheme}:{}", label(&labels, id))
+                        }
                         _ => d.clone(),
                     })
                     .collect();

@@ -369,11 +369,10 @@ impl Config {
                 )?
             }
             Command::Recipients(RecipientsCommand::Remove(a)) => {
-                let ids = a
-                    .recipients
-                    .iter()
-                    .map(|r| recipient_id(r))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut ids = Vec::new();
+                for r in &a.recipients {
+                    ids.extend(recipient_ids(r)?);
+                }
                 let dst = a.dst.as_deref().unwrap_or(&a.image);
                 transform(
                     &a.image,
@@ -475,29 +474,55 @@ impl Config {
 
 /// The key id a `recipients remove --recipient` names: `id:KEY_ID`, or the thumbprint of the
 /// key in `jwe:FILE` (a public key, or an unencrypted private key).
-fn recipient_id(spec: &str) -> Result<(String, String), CliError> {
+/// Whether `id` has the form of a recipient id: a JWE thumbprint (43 base64url characters), a
+/// PGP key id (16 hex digits) or a PKCS#7 `SERIAL@ISSUERHASH` (hex digits around one `@`).
+fn is_recipient_id(id: &str) -> bool {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let jwe = id.len() == 43
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let pgp = id.len() == 16 && hex(id);
+    let pkcs7 = id.split_once('@').is_some_and(|(serial, issuer)| {
+        serial.len() <= 128 && hex(serial) && issuer.len() == 16 && hex(issuer)
+    });
+    jwe || pgp || pkcs7
+}
+
+/// The ids a `recipients remove --recipient` names, each with how the user wrote it: a key id
+/// (`id:…`), or a recipient whose scheme has ids (jwe:, pkcs7:, pgp:; any wrapper that reports
+/// [`recipient_ids`](ocicrypt_core::KeyWrapper::recipient_ids)).
+fn recipient_ids(spec: &str) -> Result<Vec<(String, String)>, CliError> {
     if let Some(id) = spec.strip_prefix("id:") {
-        let ok = id.len() == 43
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok {
+        if !is_recipient_id(id) {
             return Err(CliError::usage(format!(
-                "--recipient {}: a key id is 43 base64url characters, as `imgcrypt inspect` and `imgcrypt key-id` print it",
+                "--recipient {}: not a recipient id; ids are what `imgcrypt inspect` prints after the scheme: 43 base64url characters (jwe), 16 hex digits (pgp), SERIAL@ISSUERHASH (pkcs7)",
                 ocicrypt_core::redact::token(id)
             )));
         }
-        return Ok((id.to_owned(), spec.to_owned()));
+        return Ok(vec![(id.to_owned(), spec.to_owned())]);
     }
-    match parse_recipient(spec)? {
-        RecipientSpec::Jwe(path) => Ok((crate::commands::key_file_id(&path)?, spec.to_owned())),
-        _ => Err(CliError::usage(format!(
-            "--recipient {}: only jwe: recipients have key ids to remove by",
+    let no_ids = || {
+        CliError::usage(format!(
+            "--recipient {}: this scheme's entries do not name their recipients, so they cannot be removed one by one",
             ocicrypt_core::redact::token(spec)
         ))
-        .hint(
-            "re-key with `imgcrypt recipients set --key KEY --recipient …` listing the recipients to keep",
-        )),
+        .hint("re-key with `imgcrypt recipients set --key KEY --recipient …` listing the recipients to keep")
+    };
+    match parse_recipient(spec)? {
+        // A private key file works too (same id).
+        RecipientSpec::Jwe(path) => Ok(vec![(crate::commands::key_file_id(&path)?, spec.to_owned())]),
+        RecipientSpec::Provider { .. } => Err(no_ids()),
+        r => {
+            let ids: Vec<String> = crate::schemes::wrappers(std::slice::from_ref(&r))?
+                .iter()
+                .flat_map(|w| w.recipient_ids())
+                .collect();
+            if ids.is_empty() {
+                return Err(no_ids());
+            }
+            Ok(ids.into_iter().map(|i| (i, spec.to_owned())).collect())
+        }
     }
 }
 

@@ -4,64 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use common::{blob_count, imgcrypt, imgcrypt_env, layer_blobs, oci};
 use testkit::image::{write_image, Compression, LayerSpec};
-use testkit::tools::{have_tool, openssl, openssl_keypair, skopeo_ok};
+use testkit::tools::{gpg, gpg_gen_key as gen_key, gpg_home, have_tool, openssl, openssl_keypair, skopeo_ok};
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn gpg(home: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("gpg")
-        .env("GNUPGHOME", home)
-        .args(["--batch", "--quiet", "--pinentry-mode", "loopback"])
-        .args(args)
-        .output()
-        .expect("gpg runs");
-    assert!(
-        out.status.success(),
-        "gpg {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// An RSA-2048 key with an RSA encryption subkey (what Go's x/crypto/openpgp can use).
-fn gen_key(home: &Path, name: &str, email: &str, passphrase: Option<&str>) {
-    let params = home.join(format!("{name}.params"));
-    let protection = match passphrase {
-        Some(p) => format!("Passphrase: {p}\n"),
-        None => String::new(),
-    };
-    std::fs::write(
-        &params,
-        format!(
-            "{}Key-Type: RSA\nKey-Length: 2048\nSubkey-Type: RSA\nSubkey-Length: 2048\n\
-             Name-Real: {name}\nName-Email: {email}\nExpire-Date: 0\n{protection}%commit\n",
-            if passphrase.is_none() {
-                "%no-protection\n"
-            } else {
-                ""
-            }
-        ),
-    )
-    .unwrap();
-    gpg(home, &["--gen-key", &s(&params)]);
-}
-
-struct Agent(PathBuf);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = Command::new("gpgconf")
-            .env("GNUPGHOME", &self.0)
-            .args(["--kill", "gpg-agent"])
-            .status();
-    }
 }
 
 #[test]
@@ -71,14 +21,8 @@ fn pgp_both_ways_with_skopeo_and_a_three_scheme_image() {
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    let home = d.join("gnupg");
-    std::fs::create_dir(&home).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
-    let _agent = Agent(home.clone());
+    let agent = gpg_home(d);
+    let home = agent.0.clone();
     gen_key(&home, "Alice", "alice@example.com", None);
     gen_key(&home, "Bob", "bob@example.com", Some("s3cret"));
     // skopeo (a child of this process) finds the keyring through GNUPGHOME.

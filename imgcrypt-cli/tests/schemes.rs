@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{blob_count, imgcrypt, layer_blobs, oci, vectors};
 use testkit::image::{write_image, Compression, LayerSpec};
-use testkit::tools::{have_tool, openssl, skopeo, skopeo_ok};
+use testkit::tools::{have_tool, openssl, openssl_cert, skopeo, skopeo_ok};
 
 fn small_image(dir: &Path) {
     write_image(
@@ -18,31 +18,6 @@ fn small_image(dir: &Path) {
             LayerSpec::random(5_000, 8, Compression::Gzip),
         ],
     );
-}
-
-/// A fresh RSA key and self-signed certificate from the openssl CLI: (key, cert).
-fn openssl_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let key = format!("{name}.key.pem");
-    let cert = format!("{name}.cert.pem");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}/O=imgcrypt tests"),
-        ],
-    );
-    (dir.join(key), dir.join(cert))
 }
 
 fn s(p: &Path) -> String {

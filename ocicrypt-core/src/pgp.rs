@@ -101,6 +101,16 @@ impl PgpPublicKey {
         hex::encode(self.key.primary_key.key_id())
     }
 
+    /// The id of the (sub)key a message is encrypted to for this recipient (16 hex digits): what
+    /// its PKESK packet names, so the recipient id `inspect` shows. `None` when no key of it
+    /// can encrypt.
+    pub fn encryption_key_id(&self) -> Option<String> {
+        match encryption_key(&self.key)? {
+            EncKey::Sub(s) => Some(hex::encode(s.key.key_id())),
+            EncKey::Primary(p) => Some(hex::encode(p.primary_key.key_id())),
+        }
+    }
+
     /// The user ids, as text.
     pub fn user_ids(&self) -> Vec<String> {
         self.key
@@ -305,6 +315,25 @@ impl KeyWrapper for PgpWrapper {
         SCHEME
     }
 
+    fn recipient_ids(&self) -> Vec<String> {
+        self.recipients
+            .iter()
+            .filter_map(PgpPublicKey::encryption_key_id)
+            .collect()
+    }
+
+    fn subset(&self, ids: &[String]) -> Option<std::sync::Arc<dyn crate::AsyncKeyWrapper>> {
+        let recipients: Vec<PgpPublicKey> = self
+            .recipients
+            .iter()
+            .filter(|k| k.encryption_key_id().is_some_and(|i| ids.contains(&i)))
+            .cloned()
+            .collect();
+        (!recipients.is_empty()).then(|| {
+            std::sync::Arc::new(PgpWrapper { recipients }) as std::sync::Arc<dyn crate::AsyncKeyWrapper>
+        })
+    }
+
     fn wrap_keys(&self, optsdata: &[u8]) -> Result<Vec<u8>, WrapError> {
         let mut rng = rand::thread_rng();
         let mut builder = MessageBuilder::from_bytes("", optsdata.to_vec())
@@ -483,9 +512,22 @@ impl KeyUnwrapper for PgpUnwrapper {
 /// # Errors
 /// A reason when the packet framing is broken.
 pub fn pkesk_key_ids(blob: &[u8]) -> Result<Vec<String>, String> {
+    Ok(pkesk_packets(blob)?
+        .into_iter()
+        .map(|(_, id)| id.unwrap_or_else(|| "(non-v3 PKESK)".into()))
+        .collect())
+}
+
+/// A PKESK packet: its byte range in the message and its key id.
+type Pkesk = (std::ops::Range<usize>, Option<String>);
+
+/// The PKESK packets at the start of a message: each one's byte range and key id (`None` for
+/// a non-v3 packet or the wildcard id `0000000000000000`, which names no key).
+fn pkesk_packets(blob: &[u8]) -> Result<Vec<Pkesk>, String> {
     let mut ids = Vec::new();
     let mut rest = blob;
     while !rest.is_empty() && ids.len() < 4096 {
+        let start = blob.len() - rest.len();
         let first = rest[0];
         if first & 0x80 == 0 {
             return Err("not an OpenPGP packet".into());
@@ -530,11 +572,9 @@ pub fn pkesk_key_ids(blob: &[u8]) -> Result<Vec<String>, String> {
             .ok_or("truncated packet")?;
         match tag {
             1 => {
-                if body.first() == Some(&3) && body.len() >= 10 {
-                    ids.push(hex::encode(&body[1..9]));
-                } else {
-                    ids.push("(non-v3 PKESK)".into());
-                }
+                let id = (body.first() == Some(&3) && body.len() >= 10 && body[1..9] != [0u8; 8])
+                    .then(|| hex::encode(&body[1..9]));
+                ids.push((start..start + hl + len, id));
             }
             3 => {}
             _ => break,
@@ -542,6 +582,44 @@ pub fn pkesk_key_ids(blob: &[u8]) -> Result<Vec<String>, String> {
         rest = &rest[hl + len..];
     }
     Ok(ids)
+}
+
+/// Recipient ids of OpenPGP blobs (PKESK key ids), for [`crate::recipients`].
+#[derive(Debug)]
+pub struct PgpIds;
+
+impl crate::recipients::IdScheme for PgpIds {
+    fn scheme(&self) -> &'static str {
+        SCHEME
+    }
+
+    fn ids(&self, blob: &[u8]) -> Result<Vec<Option<String>>, String> {
+        Ok(pkesk_packets(blob)?.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Drops the PKESK packets naming these key ids; every other byte of the message stays
+    /// (the encrypted data packet does not cover the PKESKs).
+    fn remove(
+        &self,
+        blob: &[u8],
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let packets = pkesk_packets(blob)?;
+        let (gone, kept): (Vec<_>, Vec<_>) = packets
+            .iter()
+            .partition(|(_, id)| id.as_ref().is_some_and(|i| ids.contains(i)));
+        if kept.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(blob.len());
+        let mut at = 0;
+        for (range, _) in gone {
+            out.extend_from_slice(&blob[at..range.start]);
+            at = range.end;
+        }
+        out.extend_from_slice(&blob[at..]);
+        Ok(Some(out))
+    }
 }
 
 /// The number of PKESKs in a `keys.pgp` annotation value (all comma entries).

@@ -172,6 +172,20 @@ impl Certificate {
     pub fn id(&self) -> String {
         format_id(&self.issuer, &self.serial)
     }
+
+    /// The recipient id of this certificate: `SERIAL@ISSUER`, the serial number in hex and the
+    /// first 8 bytes of the SHA-256 of the issuer's DER Name in hex (e.g.
+    /// `4f1c…@9a0b1c2d3e4f5061`), as [`crate::recipients`] and `inspect` show it.
+    pub fn recipient_id(&self) -> String {
+        recipient_id(&self.issuer, &self.serial)
+    }
+}
+
+/// `SERIALHEX@ISSUERHASH` (see [`Certificate::recipient_id`]).
+fn recipient_id(issuer: &[u8], serial: &[u8]) -> String {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(issuer);
+    format!("{}@{}", hex::encode(serial_value(serial)), hex::encode(&h[..8]))
 }
 
 /// `issuer=CN=x, serial=0a1b…`.
@@ -254,6 +268,22 @@ fn rsa_pkcs1_encrypt(key: &PKeyRef<Public>, data: &[u8]) -> Result<Vec<u8>, open
 impl KeyWrapper for Pkcs7Wrapper {
     fn scheme(&self) -> &str {
         SCHEME
+    }
+
+    fn recipient_ids(&self) -> Vec<String> {
+        self.recipients.iter().map(Certificate::recipient_id).collect()
+    }
+
+    fn subset(&self, ids: &[String]) -> Option<std::sync::Arc<dyn crate::AsyncKeyWrapper>> {
+        let recipients: Vec<Certificate> = self
+            .recipients
+            .iter()
+            .filter(|c| ids.contains(&c.recipient_id()))
+            .cloned()
+            .collect();
+        (!recipients.is_empty()).then(|| {
+            std::sync::Arc::new(Pkcs7Wrapper { recipients }) as std::sync::Arc<dyn crate::AsyncKeyWrapper>
+        })
     }
 
     fn wrap_keys(&self, optsdata: &[u8]) -> Result<Vec<u8>, WrapError> {
@@ -680,6 +710,103 @@ pub fn inspect(blob: &[u8]) -> Result<Vec<Pkcs7RecipientInfo>, UnwrapError> {
             key_encryption: oid_text(r.alg_oid),
         })
         .collect())
+}
+
+/// (bytes before the SET, RecipientInfos, bytes after the SET) of an EnvelopedData.
+type InfoParts<'a> = (&'a [u8], Vec<Tlv<'a>>, &'a [u8]);
+
+/// The parts of a blob that removing a recipient touches: the EnvelopedData's bytes before its
+/// `recipientInfos` SET, each RecipientInfo TLV, and the bytes after the SET.
+fn recipient_infos(blob: &[u8]) -> Result<InfoParts<'_>, String> {
+    let mut top = Reader::new(blob);
+    let mut ci = top.nested(der::SEQUENCE, "ContentInfo")?;
+    if !top.is_empty() {
+        return Err("trailing bytes after the ContentInfo".into());
+    }
+    let ct = ci.expect(der::OID, "contentType")?;
+    if ct.contents != OID_ENVELOPED_DATA {
+        return Err("not a CMS EnvelopedData (contentType is another OID)".into());
+    }
+    let ed_tlv = ci
+        .nested(der::CONTEXT_0_CONS, "content")?
+        .expect(der::SEQUENCE, "EnvelopedData")?;
+    let mut ed = Reader::new(ed_tlv.contents);
+    ed.small_uint("EnvelopedData version")?;
+    if ed.peek_tag() == Some(der::CONTEXT_0_CONS) {
+        ed.any()?; // originatorInfo
+    }
+    let before_len = ed_tlv.contents.len() - ed.rest().len();
+    let set = ed.expect(der::SET, "recipientInfos")?;
+    let mut infos = Vec::new();
+    let mut r = Reader::new(set.contents);
+    while !r.is_empty() {
+        if infos.len() >= MAX_RECIPIENTS {
+            return Err(format!("more than {MAX_RECIPIENTS} recipients"));
+        }
+        infos.push(r.any().map_err(|e| format!("RecipientInfo: {e}"))?);
+    }
+    Ok((&ed_tlv.contents[..before_len], infos, ed.rest()))
+}
+
+/// The id of one RecipientInfo: `Some` for a KeyTransRecipientInfo naming its certificate by
+/// issuer and serial number (what ocicrypt writes), `None` for any other form.
+fn info_id(ri: &Tlv<'_>) -> Option<String> {
+    if ri.tag != der::SEQUENCE {
+        return None;
+    }
+    let mut r = Reader::new(ri.contents);
+    let version = r.small_uint("version").ok()?;
+    let rid = r.any().ok()?;
+    if version != 0 || rid.tag != der::SEQUENCE {
+        return None;
+    }
+    let mut is = Reader::new(rid.contents);
+    let issuer = is.expect(der::SEQUENCE, "issuer").ok()?.full;
+    let serial = is.expect(der::INTEGER, "serialNumber").ok()?.full;
+    Some(recipient_id(issuer, serial))
+}
+
+/// Recipient ids of PKCS#7 blobs, for [`crate::recipients`].
+#[derive(Debug)]
+pub struct Pkcs7Ids;
+
+impl crate::recipients::IdScheme for Pkcs7Ids {
+    fn scheme(&self) -> &'static str {
+        SCHEME
+    }
+
+    fn ids(&self, blob: &[u8]) -> Result<Vec<Option<String>>, String> {
+        let (_, infos, _) = recipient_infos(blob)?;
+        Ok(infos.iter().map(info_id).collect())
+    }
+
+    /// Rewrites the EnvelopedData without the named RecipientInfos: the version, the other
+    /// RecipientInfos (in their order) and the encrypted content stay as they were, so no
+    /// private key is needed and every other recipient still opens it.
+    fn remove(
+        &self,
+        blob: &[u8],
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let (before, infos, after) = recipient_infos(blob)?;
+        let kept: Vec<&[u8]> = infos
+            .iter()
+            .filter(|ri| !info_id(ri).is_some_and(|i| ids.contains(&i)))
+            .map(|ri| ri.full)
+            .collect();
+        if kept.is_empty() {
+            return Ok(None);
+        }
+        let set = der::tlv(der::SET, &kept.concat());
+        let enveloped = der::tlv_of(der::SEQUENCE, &[before, &set, after]);
+        Ok(Some(der::tlv_of(
+            der::SEQUENCE,
+            &[
+                &der::tlv(der::OID, OID_ENVELOPED_DATA),
+                &der::tlv(der::CONTEXT_0_CONS, &enveloped),
+            ],
+        )))
+    }
 }
 
 /// The number of recipients in a `keys.pkcs7` annotation value (all comma entries), or `None`

@@ -1,13 +1,24 @@
 //! Who can decrypt a layer, read from its annotations alone (no private key), and removing
 //! recipients by key id.
 //!
-//! Every JWE recipient we write carries a `kid`: the RFC 7638 thumbprint of its public key
-//! ([`PublicKey::thumbprint`](crate::keys::PublicKey::thumbprint)). Removing a recipient drops
-//! exactly the entries with its id: from a JWE in general serialization (several recipients)
-//! the recipient object is dropped and the others stay as they were (the per-recipient
-//! headers are not covered by the JWE's authentication tag, so nothing else changes); a JWE
-//! with that recipient alone is dropped whole. JWEs written by Go ocicrypt (skopeo) carry no
-//! ids: a layer with such a recipient is refused, since its owner cannot be known.
+//! Each scheme whose wrapped keys name their recipients implements [`IdScheme`]; [`id_scheme`]
+//! lists them (add a scheme there to give it ids, `remove` and duplicate-free `add`):
+//!
+//! * **jwe**: every JWE recipient we write carries a `kid`: the RFC 7638 thumbprint of its
+//!   public key ([`PublicKey::thumbprint`](crate::keys::PublicKey::thumbprint)). Removing one
+//!   drops its recipient object from a JWE in general serialization and the others stay as
+//!   they were (the per-recipient headers are not covered by the JWE's authentication tag);
+//!   a JWE with that recipient alone is dropped whole. JWEs written by Go ocicrypt (skopeo)
+//!   carry no ids: a layer with such a recipient is refused, since its owner cannot be known.
+//! * **pkcs7**: a `KeyTransRecipientInfo` names its certificate by issuer and serial number;
+//!   the id is `SERIAL@ISSUER` ([`crate::pkcs7::Certificate::recipient_id`]). Removing one
+//!   rewrites the `EnvelopedData` without that `RecipientInfo`; every other byte (the other
+//!   RecipientInfos, the encrypted content) stays.
+//! * **pgp**: a PKESK packet names the (sub)key it is encrypted to by its 64-bit key id (16
+//!   hex digits). Removing one drops that packet; the rest of the message stays byte for byte.
+//!
+//! Ids of different schemes cannot be confused: a thumbprint is 43 base64url characters, a
+//! PGP key id 16 hex digits, a PKCS#7 id contains `@`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,12 +31,57 @@ use crate::options::{decode_b64, encode_b64};
 /// The JWE scheme name.
 const JWE: &str = "jwe";
 
+/// A wrapped-key scheme whose entries name their recipients.
+pub trait IdScheme: Send + Sync {
+    /// The annotation scheme (`jwe`, `pkcs7`, `pgp`…).
+    fn scheme(&self) -> &'static str;
+    /// The id of each recipient of one wrapped-key blob, `None` where a recipient carries none.
+    ///
+    /// # Errors
+    /// A message when the blob does not parse.
+    fn ids(&self, blob: &[u8]) -> Result<Vec<Option<String>>, String>;
+    /// The blob without the recipients whose id is in `ids` (`None` when none is left), every
+    /// other recipient unchanged; called only when at least one id matches.
+    ///
+    /// # Errors
+    /// A message when the blob does not parse.
+    fn remove(&self, blob: &[u8], ids: &BTreeSet<String>) -> Result<Option<Vec<u8>>, String>;
+}
+
+struct JweIds;
+
+impl IdScheme for JweIds {
+    fn scheme(&self) -> &'static str {
+        JWE
+    }
+    fn ids(&self, blob: &[u8]) -> Result<Vec<Option<String>>, String> {
+        jwe_entry_ids(blob)
+    }
+    fn remove(&self, blob: &[u8], ids: &BTreeSet<String>) -> Result<Option<Vec<u8>>, String> {
+        remove_from_jwe(blob, ids).map(|(b, _)| b)
+    }
+}
+
+/// The schemes with recipient ids, by annotation scheme name.
+pub fn id_scheme(scheme: &str) -> Option<&'static dyn IdScheme> {
+    match scheme {
+        JWE => Some(&JweIds),
+        #[cfg(feature = "jwe")]
+        crate::pkcs7::SCHEME => Some(&crate::pkcs7::Pkcs7Ids),
+        #[cfg(feature = "pgp")]
+        crate::pgp::SCHEME => Some(&crate::pgp::PgpIds),
+        _ => None,
+    }
+}
+
 /// The recipients of one layer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LayerRecipients {
-    /// The key id of every JWE recipient, over all JWE entries; `None` for a recipient that
-    /// carries no id (written by another tool).
-    pub jwe: Vec<Option<String>>,
+    /// Per scheme with ids (see [`id_scheme`]; serialized as `"jwe": […]`, `"pkcs7": […]`…):
+    /// the id of every recipient over all of the scheme's entries, `None` for a recipient that
+    /// carries no id (a JWE written by another tool).
+    #[serde(flatten)]
+    pub by_scheme: BTreeMap<String, Vec<Option<String>>>,
     /// Other schemes, with their number of wrapped-key entries.
     pub other: Vec<(String, usize)>,
 }
@@ -42,9 +98,13 @@ impl LayerRecipients {
                 continue;
             };
             let entries = entries(v);
-            if scheme == JWE {
+            if let Some(ids) = id_scheme(scheme) {
+                if entries.is_empty() {
+                    continue;
+                }
+                let list = out.by_scheme.entry(scheme.to_owned()).or_default();
                 for e in entries {
-                    out.jwe.extend(jwe_entry_ids(&decode_entry(e)?)?);
+                    list.extend(ids.ids(&decode_entry(e)?)?);
                 }
             } else if !entries.is_empty() {
                 out.other.push((scheme.to_owned(), entries.len()));
@@ -53,24 +113,37 @@ impl LayerRecipients {
         Ok(out)
     }
 
-    /// The JWE recipients' ids (those that have one).
+    /// The recipients of one scheme with ids (empty when the layer has none).
+    pub fn of(&self, scheme: &str) -> &[Option<String>] {
+        self.by_scheme.get(scheme).map_or(&[], Vec::as_slice)
+    }
+
+    /// The ids of the recipients that have one, over all schemes.
     pub fn ids(&self) -> BTreeSet<String> {
-        self.jwe.iter().flatten().cloned().collect()
+        self.by_scheme.values().flatten().flatten().cloned().collect()
     }
 
-    /// How many recipients (JWE recipients plus other schemes' entries).
+    /// How many recipients carry no id.
+    pub fn without_ids(&self) -> usize {
+        self.by_scheme.values().flatten().filter(|i| i.is_none()).count()
+    }
+
+    /// How many recipients (of the schemes with ids, plus other schemes' entries).
     pub fn count(&self) -> usize {
-        self.jwe.len() + self.other.iter().map(|(_, n)| n).sum::<usize>()
+        self.by_scheme.values().map(Vec::len).sum::<usize>()
+            + self.other.iter().map(|(_, n)| n).sum::<usize>()
     }
 
-    /// One line per recipient: `jwe:<id>`, `jwe:(no id)`, `<scheme> (N entries)`.
+    /// One line per recipient: `jwe:<id>`, `pgp:<id>`, `jwe:(no key id)`, `<scheme> (N entries)`.
     pub fn describe(&self) -> Vec<String> {
         let mut v: Vec<String> = self
-            .jwe
+            .by_scheme
             .iter()
-            .map(|id| match id {
-                Some(id) => format!("jwe:{id}"),
-                None => "jwe:(no key id)".to_owned(),
+            .flat_map(|(s, ids)| {
+                ids.iter().map(move |id| match id {
+                    Some(id) => format!("{s}:{id}"),
+                    None => format!("{s}:(no key id)"),
+                })
             })
             .collect();
         v.extend(
@@ -85,8 +158,8 @@ impl LayerRecipients {
 /// Why recipients could not be removed from a layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoveError {
-    /// A JWE recipient on the layer has no key id, so it cannot be told whose it is.
-    #[error("{count} JWE recipient(s) of this layer carry no key id (written by another tool, e.g. skopeo), so it cannot be told whose they are")]
+    /// A recipient on the layer has no key id, so it cannot be told whose it is.
+    #[error("{count} recipient(s) of this layer carry no key id (a JWE written by another tool, e.g. skopeo), so it cannot be told whose they are")]
     WithoutIds {
         /// How many.
         count: usize,
@@ -116,7 +189,7 @@ fn entries(v: &str) -> Vec<&str> {
 }
 
 fn decode_entry(e: &str) -> Result<Vec<u8>, String> {
-    decode_b64(e).map_err(|err| format!("a JWE entry is not base64 ({err})"))
+    decode_b64(e).map_err(|err| format!("a wrapped-key entry is not base64 ({err})"))
 }
 
 fn b64url_json(s: &str) -> Result<Map<String, Value>, String> {
@@ -241,20 +314,20 @@ fn remove_from_jwe(blob: &[u8], ids: &BTreeSet<String>) -> Result<(Option<Vec<u8
     Ok((Some(bytes), hits))
 }
 
-/// Removes every JWE recipient whose id is in `ids` from a layer's annotations, without any
-/// private key. Entries of other recipients and other schemes are kept byte for byte where
-/// the JWE allows (see the module docs).
+/// Removes every recipient whose id is in `ids` from a layer's annotations, of every scheme
+/// with ids, without any private key. Entries without those recipients are kept byte for
+/// byte, and so are the other recipients inside an entry (see the module docs).
 ///
 /// # Errors
-/// [`RemoveError::WithoutIds`] when a JWE recipient of the layer has no id and at least one
-/// id was asked for (it might be the one); [`RemoveError::LastRecipient`] when nothing
-/// would be left; [`RemoveError::Malformed`].
+/// [`RemoveError::WithoutIds`] when a recipient of the layer has no id and at least one id
+/// was asked for (it might be the one); [`RemoveError::LastRecipient`] when nothing would be
+/// left; [`RemoveError::Malformed`].
 pub fn remove_from_annotations(
     ann: &BTreeMap<String, String>,
     ids: &BTreeSet<String>,
 ) -> Result<Removal, RemoveError> {
     let before = LayerRecipients::from_annotations(ann).map_err(RemoveError::Malformed)?;
-    let without = before.jwe.iter().filter(|i| i.is_none()).count();
+    let without = before.without_ids();
     if without > 0 {
         return Err(RemoveError::WithoutIds { count: without });
     }
@@ -264,20 +337,32 @@ pub fn remove_from_annotations(
     if removed.is_empty() {
         return Ok(Removal { annotations, removed });
     }
-    let key = keys_annotation(JWE);
-    let mut kept_entries = Vec::new();
-    for e in entries(ann.get(&key).map_or("", String::as_str)) {
-        let blob = decode_entry(e).map_err(RemoveError::Malformed)?;
-        match remove_from_jwe(&blob, ids).map_err(RemoveError::Malformed)? {
-            (Some(_), 0) => kept_entries.push(e.to_owned()),
-            (Some(b), _) => kept_entries.push(encode_b64(&b)),
-            (None, _) => {}
+    for scheme in before.by_scheme.keys() {
+        let Some(idscheme) = id_scheme(scheme) else {
+            continue;
+        };
+        let key = keys_annotation(scheme);
+        let mut kept_entries = Vec::new();
+        for e in entries(ann.get(&key).map_or("", String::as_str)) {
+            let blob = decode_entry(e).map_err(RemoveError::Malformed)?;
+            let hit = idscheme
+                .ids(&blob)
+                .map_err(RemoveError::Malformed)?
+                .iter()
+                .any(|i| i.as_ref().is_some_and(|i| ids.contains(i)));
+            if !hit {
+                kept_entries.push(e.to_owned());
+                continue;
+            }
+            if let Some(b) = idscheme.remove(&blob, ids).map_err(RemoveError::Malformed)? {
+                kept_entries.push(encode_b64(&b));
+            }
         }
-    }
-    if kept_entries.is_empty() {
-        annotations.remove(&key);
-    } else {
-        annotations.insert(key, kept_entries.join(","));
+        if kept_entries.is_empty() {
+            annotations.remove(&key);
+        } else {
+            annotations.insert(key, kept_entries.join(","));
+        }
     }
     let after = LayerRecipients::from_annotations(&annotations).map_err(RemoveError::Malformed)?;
     if after.count() == 0 {
@@ -328,7 +413,7 @@ mod tests {
         let r = remove_from_annotations(&ann(std::slice::from_ref(&blob)), &ids).unwrap();
         assert_eq!(r.removed, ids);
         let after_ids = LayerRecipients::from_annotations(&r.annotations).unwrap();
-        assert_eq!(after_ids.jwe, vec![Some(a.thumbprint()), Some(c.thumbprint())]);
+        assert_eq!(after_ids.of("jwe"), [Some(a.thumbprint()), Some(c.thumbprint())]);
         let new = decode_b64(&r.annotations[&keys_annotation(JWE)]).unwrap();
         let after: Value = serde_json::from_slice(&new).unwrap();
         assert_eq!(after["recipients"][0], before["recipients"][0]);

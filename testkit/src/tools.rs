@@ -142,3 +142,84 @@ pub fn openssl_keypair(dir: &Path, name: &str, kind: &str) -> (std::path::PathBu
     openssl(dir, &["pkey", "-in", &priv_name, "-pubout", "-out", &pub_name]);
     (dir.join(priv_name), dir.join(pub_name))
 }
+
+/// A fresh RSA-2048 key and self-signed certificate (`CN=<name>`) made by the `openssl` CLI in
+/// `dir`: writes `<name>.key.pem` and `<name>.cert.pem`; returns (key, cert).
+pub fn openssl_cert(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = format!("{name}.key.pem");
+    let cert = format!("{name}.cert.pem");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}/O=imgcrypt tests"),
+        ],
+    );
+    (dir.join(key), dir.join(cert))
+}
+
+/// Runs `gpg --batch` with `GNUPGHOME=home` and returns its stdout, panicking on failure.
+pub fn gpg(home: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("gpg")
+        .env("GNUPGHOME", home)
+        .args(["--batch", "--quiet", "--pinentry-mode", "loopback"])
+        .args(args)
+        .output()
+        .expect("gpg runs");
+    assert!(
+        out.status.success(),
+        "gpg {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A new gpg home `dir/gnupg` (mode 0700); the returned guard stops its gpg-agent when dropped.
+pub fn gpg_home(dir: &Path) -> GpgAgent {
+    use std::os::unix::fs::PermissionsExt as _;
+    let home = dir.join("gnupg");
+    std::fs::create_dir(&home).expect("create the gpg home");
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod the gpg home");
+    GpgAgent(home)
+}
+
+/// A gpg home whose agent is stopped on drop; `.0` is the directory.
+#[derive(Debug)]
+pub struct GpgAgent(pub std::path::PathBuf);
+
+impl Drop for GpgAgent {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .env("GNUPGHOME", &self.0)
+            .args(["--kill", "gpg-agent"])
+            .status();
+    }
+}
+
+/// Generates an RSA-2048 key with an RSA encryption subkey (what Go's x/crypto/openpgp can use)
+/// in the gpg home, protected by `passphrase` if given.
+pub fn gpg_gen_key(home: &Path, name: &str, email: &str, passphrase: Option<&str>) {
+    let params = home.join(format!("{name}.params"));
+    let protection = match passphrase {
+        Some(p) => format!("Passphrase: {p}\n"),
+        None => "%no-protection\n".to_owned(),
+    };
+    let body = format!(
+        "{protection}Key-Type: RSA\nKey-Length: 2048\nSubkey-Type: RSA\nSubkey-Length: 2048\n\
+         Name-Real: {name}\nName-Email: {email}\nExpire-Date: 0\n%commit\n"
+    );
+    std::fs::write(&params, body).expect("write the gpg key parameters");
+    gpg(home, &["--gen-key", params.to_str().expect("UTF-8 path")]);
+}

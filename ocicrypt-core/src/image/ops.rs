@@ -997,13 +997,9 @@ pub async fn inspect(src: &dyn ImageSource) -> Result<ImageInfo, Error> {
                     let schemes = schemes_present(&ann)
                         .into_iter()
                         .map(|(scheme, entries)| {
-                            let value = &ann[&mt::keys_annotation(&scheme)];
-                            let recipients = match scheme.as_str() {
-                                "jwe" => who.as_ref().map(|w| w.jwe.len()),
-                                crate::pkcs7::SCHEME => crate::pkcs7::count_recipients(value),
-                                #[cfg(feature = "pgp")]
-                                crate::pgp::SCHEME => crate::pgp::count_recipients(value),
-                                _ => None,
+                            let recipients = match recipients::id_scheme(&scheme) {
+                                Some(_) => who.as_ref().map(|w| w.of(&scheme).len()),
+                                None => None,
                             };
                             SchemeInfo {
                                 scheme,

@@ -43,6 +43,11 @@ impl<'a> Reader<'a> {
         self.rest.is_empty()
     }
 
+    /// The bytes not read yet.
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
     /// The next TLV's tag, without consuming it.
     pub fn peek_tag(&self) -> Option<u8> {
         self.rest.first().copied()
