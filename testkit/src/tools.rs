@@ -212,13 +212,14 @@ impl Drop for GpgAgent {
 /// in the gpg home, protected by `passphrase` if given.
 pub fn gpg_gen_key(home: &Path, name: &str, email: &str, passphrase: Option<&str>) {
     let params = home.join(format!("{name}.params"));
-    let protection = match passphrase {
-        Some(p) => format!("Passphrase: {p}\n"),
-        None => "%no-protection\n".to_owned(),
+    // `%no-protection` may come first; a `Passphrase:` only after `Key-Type`.
+    let (head, tail) = match passphrase {
+        Some(p) => (String::new(), format!("Passphrase: {p}\n")),
+        None => ("%no-protection\n".to_owned(), String::new()),
     };
     let body = format!(
-        "{protection}Key-Type: RSA\nKey-Length: 2048\nSubkey-Type: RSA\nSubkey-Length: 2048\n\
-         Name-Real: {name}\nName-Email: {email}\nExpire-Date: 0\n%commit\n"
+        "{head}Key-Type: RSA\nKey-Length: 2048\nSubkey-Type: RSA\nSubkey-Length: 2048\n\
+         Name-Real: {name}\nName-Email: {email}\nExpire-Date: 0\n{tail}%commit\n"
     );
     std::fs::write(&params, body).expect("write the gpg key parameters");
     gpg(home, &["--gen-key", params.to_str().expect("UTF-8 path")]);
