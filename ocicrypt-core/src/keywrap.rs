@@ -80,6 +80,15 @@ pub enum UnwrapError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A key cannot be used at all (a token's wrong PIN, a missing token, a module the policy
+    /// refuses): the user has to fix the key, not pick another one.
+    #[error("{scheme} key cannot be used: {reason}")]
+    KeyUnusable {
+        /// The scheme.
+        scheme: String,
+        /// Which key and why (no secret).
+        reason: String,
+    },
 }
 
 /// Wraps private options for a set of recipients (encrypt side).
@@ -176,6 +185,9 @@ pub struct Attempt {
     pub entry: usize,
     /// What went wrong, as text (no key material).
     pub error: String,
+    /// The key itself cannot be used ([`UnwrapError::KeyUnusable`]), as opposed to a key that
+    /// does not open this entry.
+    pub key_unusable: bool,
 }
 
 impl fmt::Display for Attempt {
@@ -252,6 +264,7 @@ pub async fn unwrap_options(
                             scheme: scheme.clone(),
                             entry: i,
                             error: "entry is not base64".to_owned(),
+                            key_unusable: false,
                         });
                         continue;
                     }
@@ -264,6 +277,7 @@ pub async fn unwrap_options(
                     Err(e) => attempts.push(Attempt {
                         scheme: scheme.clone(),
                         entry: i,
+                        key_unusable: matches!(e, UnwrapError::KeyUnusable { .. }),
                         error: error_chain(&e),
                     }),
                 }

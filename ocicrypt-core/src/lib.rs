@@ -12,6 +12,7 @@
 //! * [`keys`]: public and private key parsing (PEM, DER, JWK, certificates, encrypted keys);
 //! * [`jwe`]: the JWE key-wrap scheme;
 //! * [`pgp`]: the OpenPGP key-wrap scheme (rPGP);
+//! * [`pkcs11`]: the PKCS#11 key-wrap scheme (keys on HSMs and SoftHSM, through `cryptoki`);
 //! * [`pkcs7`]: the PKCS#7 (CMS EnvelopedData) key-wrap scheme, for X.509 certificates;
 //! * [`image`]: image operations over OCI layouts and other stores (encrypt, decrypt, add and
 //!   remove recipients, inspect, check authorization);
@@ -23,6 +24,8 @@
 //! ## Crate features
 //! * `jwe` (default): JWE key wrapping and key parsing (OpenSSL).
 //! * `pgp` (default): the OpenPGP key-wrap scheme (the `pgp` crate).
+//! * `pkcs11`: the PKCS#11 scheme's token operations (loads PKCS#11 modules; off by default,
+//!   on in the CLI). Without it the scheme's formats are still parsed.
 //! * `tokio`: `AsyncRead` adapters for the layer cipher.
 //! * `image` (default, implies `tokio`): image operations.
 //!
@@ -62,6 +65,8 @@ pub mod mediatype;
 pub mod options;
 #[cfg(feature = "pgp")]
 pub mod pgp;
+#[cfg(feature = "jwe")]
+pub mod pkcs11;
 #[cfg(feature = "jwe")]
 pub mod pkcs7;
 pub mod recipients;
