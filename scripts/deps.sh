@@ -14,6 +14,8 @@ IMGCRYPT_DEBIAN_PACKAGES=(
   python3 python3-venv python3-pip python3-cryptography gpg
   # pgp scheme interop: gpg-agent and gpgconf for key generation in the tests
   gnupg
+  # pkcs11 scheme: a token (SoftHSM2) and an independent PKCS#11 client (OpenSC's pkcs11-tool)
+  softhsm2 opensc
   # benchmarks: /usr/bin/time for peak RSS
   time
   # runtime end to end (containerd stream processor)

@@ -83,12 +83,18 @@ impl ErrorKind {
             ErrorKind::WrongKey => "wrong key: none of the given keys can decrypt a layer",
             ErrorKind::TamperedLayer => "tampered layer: layer data failed verification (MAC or digest)",
             ErrorKind::UnknownScheme => {
-                "unknown scheme in a --recipient or --key (jwe:, pkcs7:, pgp:, provider: are known)"
+                if cfg!(feature = "pkcs11") {
+                    "unknown scheme in a --recipient or --key (jwe:, pkcs7:, pgp:, pkcs11:, provider: are known)"
+                } else {
+                    "unknown scheme in a --recipient or --key (jwe:, pkcs7:, pgp:, provider: are known)"
+                }
             }
             ErrorKind::BadReference => "bad image reference, or the image does not exist",
             ErrorKind::RegistryAuth => "registry authentication failed",
             ErrorKind::Network => "network failure: the registry could not be reached or failed",
-            ErrorKind::KeyFile => "a key file cannot be read or used (missing, wrong password, not a key)",
+            ErrorKind::KeyFile => {
+                "a key file cannot be read or used (missing, wrong password or PIN, not a key, PKCS#11 token or module unusable)"
+            }
             ErrorKind::Interrupted => "interrupted by SIGINT (Ctrl-C); what the run wrote was removed",
             ErrorKind::Terminated => "terminated by SIGTERM; what the run wrote was removed",
         }
@@ -314,6 +320,19 @@ pub fn from_core(e: &CoreError, keys: &KeyContext) -> CliError {
                 ""
             }
         )),
+        CoreError::Unwrap { attempts } if attempts.iter().any(|a| a.key_unusable) => {
+            let mut seen = Vec::new();
+            for a in attempts.iter().filter(|a| a.key_unusable) {
+                if !seen.contains(&a.error) {
+                    seen.push(a.error.clone());
+                }
+            }
+            CliError::new(
+                ErrorKind::KeyFile,
+                format!("{what} cannot be decrypted: {}", seen.join("; ")),
+            )
+            .hint("fix the key: the PIN (pin-value or pin-source in the URI, or --key FILE:PIN), the token (token= or slot-id=, and the module's env such as SOFTHSM2_CONF), and the module policy in ocicrypt.conf (OCICRYPT_CONFIG)")
+        }
         CoreError::Unwrap { attempts } => CliError::new(
             ErrorKind::WrongKey,
             format!(

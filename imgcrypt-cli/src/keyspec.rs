@@ -15,6 +15,9 @@ pub enum RecipientSpec {
     Pkcs7(PathBuf),
     /// `pgp:NAME-OR-EMAIL` (looked up with gpg) or `pgp:FILE` (an OpenPGP public key file).
     Pgp(String),
+    /// `pkcs11:FILE`: a PKCS#11 key file (YAML naming a public key on a token) or an RSA
+    /// public key file.
+    Pkcs11(PathBuf),
     /// `provider:NAME[:PARAM]`: an ocicrypt key provider.
     Provider {
         /// The provider name.
@@ -56,12 +59,17 @@ impl KeySpec {
 /// Largest password file read.
 pub const MAX_PASSWORD_FILE: u64 = 64 << 10;
 
-const KNOWN_SCHEMES: &str = "jwe:, pkcs7:, pgp:, provider:";
+/// The recipient schemes this build knows.
+pub const KNOWN_SCHEMES: &str = if cfg!(feature = "pkcs11") {
+    "jwe:, pkcs7:, pgp:, pkcs11:, provider:"
+} else {
+    "jwe:, pkcs7:, pgp:, provider:"
+};
 
 fn unknown_scheme(what: &str, input: &str, scheme: &str) -> CliError {
     let extra = match scheme {
         "pkcs11" => format!(
-            " ({scheme}: is an ocicrypt scheme this build does not implement; use jwe: keys, or skopeo for {scheme}:)"
+            " ({scheme}: is an ocicrypt scheme this build was compiled without: build imgcrypt with the pkcs11 feature)"
         ),
         _ => String::new(),
     };
@@ -117,6 +125,14 @@ pub fn parse_recipient(input: &str) -> Result<RecipientSpec, CliError> {
                 ));
             }
             Ok(RecipientSpec::Pgp(value.to_owned()))
+        }
+        "pkcs11" if cfg!(feature = "pkcs11") => {
+            if value.is_empty() {
+                return Err(CliError::usage(
+                    "recipient pkcs11: needs a PKCS#11 key file (YAML) or an RSA public key file: pkcs11:key.yaml",
+                ));
+            }
+            Ok(RecipientSpec::Pkcs11(PathBuf::from(value)))
         }
         "provider" => {
             let (name, param) = parse_provider(value).map_err(CliError::usage)?;
@@ -195,7 +211,7 @@ pub fn parse_key(input: &str) -> Result<KeySpec, CliError> {
     }
     if let Some((scheme, _)) = input.split_once(':') {
         if matches!(scheme, "pgp" | "pkcs7" | "pkcs11" | "jwe") {
-            if scheme != "pkcs11" {
+            if scheme != "pkcs11" || cfg!(feature = "pkcs11") {
                 return Err(CliError::usage(format!(
                     "--key {input:?}: keys are files without a scheme; write --key {}",
                     &input[scheme.len() + 1..]
@@ -262,9 +278,10 @@ mod tests {
             RecipientSpec::Pgp("me@x".into())
         );
         assert_eq!(
-            parse_recipient("pkcs11:k.yaml").unwrap_err().kind,
-            ErrorKind::UnknownScheme
+            parse_recipient("pkcs11:k.yaml").unwrap(),
+            RecipientSpec::Pkcs11("k.yaml".into())
         );
+        assert_eq!(parse_recipient("pkcs11:").unwrap_err().kind, ErrorKind::Usage);
         assert_eq!(
             parse_recipient("foo:bar").unwrap_err().kind,
             ErrorKind::UnknownScheme
@@ -307,10 +324,7 @@ mod tests {
         assert!(!e.message.contains("secret"), "{}", e.message);
         assert!(e.message.contains("nope.pem"));
         assert_eq!(parse_key("pgp:me").unwrap_err().kind, ErrorKind::Usage);
-        assert_eq!(
-            parse_key("pkcs11:k.yaml").unwrap_err().kind,
-            ErrorKind::UnknownScheme
-        );
+        assert_eq!(parse_key("pkcs11:k.yaml").unwrap_err().kind, ErrorKind::Usage);
         assert!(matches!(
             parse_key("provider:kp").unwrap(),
             KeySpec::Provider { .. }

@@ -75,8 +75,16 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
     let mut pgp_keys = Vec::new();
     let mut pgp_names: Vec<&str> = Vec::new();
     let mut out: Vec<Arc<dyn AsyncKeyWrapper>> = Vec::new();
+    #[cfg(feature = "pkcs11")]
+    let mut p11 = pkcs11::Recipients::default();
     for r in recipients {
         match r {
+            #[cfg(feature = "pkcs11")]
+            RecipientSpec::Pkcs11(path) => p11.add(path)?,
+            #[cfg(not(feature = "pkcs11"))]
+            RecipientSpec::Pkcs11(_) => {
+                unreachable!("pkcs11: is refused by parse_recipient without the feature")
+            }
             // An existing file is a key file (our extra); anything else a gpg name or e-mail.
             RecipientSpec::Pgp(v) if std::path::Path::new(v).is_file() => {
                 let keys = PgpPublicKey::from_file(std::path::Path::new(v)).map_err(|e| {
@@ -155,6 +163,10 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
         })?;
         out.push(Arc::new(w));
     }
+    #[cfg(feature = "pkcs11")]
+    if let Some(w) = p11.wrapper()? {
+        out.push(w);
+    }
     Ok(out)
 }
 
@@ -168,10 +180,17 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
     let mut pgp_keys: Vec<PgpSecretKey> = Vec::new();
     let mut ctx = KeyContext::default();
     let mut out: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
+    #[cfg(feature = "pkcs11")]
+    let mut p11_keys = Vec::new();
     for k in keys.keys {
         ctx.key_sources.push(k.describe());
         match k {
             KeySpec::File { path, password } => {
+                #[cfg(feature = "pkcs11")]
+                if let Some(key) = pkcs11::key_file(&path, password.as_deref().map(|p| &p[..]))? {
+                    p11_keys.push(key);
+                    continue;
+                }
                 match PrivateKey::from_file(&path, password.as_deref().map(|p| &p[..])) {
                     Ok(key) => private.push(key),
                     // skopeo users pass the certificate too for pkcs7 (Go needs it; we do
@@ -236,6 +255,10 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
     if !pgp_keys.is_empty() {
         out.insert(0, Arc::new(PgpUnwrapper::new(pgp_keys)));
     }
+    #[cfg(feature = "pkcs11")]
+    if !p11_keys.is_empty() {
+        out.push(pkcs11::unwrapper(p11_keys)?);
+    }
     if !private.is_empty() {
         let p7 =
             Pkcs7Unwrapper::new(private.iter().map(PrivateKey::share).collect()).with_certificates(certs);
@@ -266,5 +289,123 @@ fn pgp_secret_keys(
         Ok(k) => Ok(Some(k)),
         // A public keyring is not a decryption key: say so.
         Err(e) => Err(CliError::from(e)),
+    }
+}
+
+/// The `pkcs11:` recipients and keys: key files need the module policy of ocicrypt.conf,
+/// public key files do not (nothing is loaded for them; Go asks for the config anyway).
+#[cfg(feature = "pkcs11")]
+mod pkcs11 {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use ocicrypt_core::keys::{KeyKind, PublicKey};
+    use ocicrypt_core::pkcs11::{
+        OaepHash, Pkcs11Config, Pkcs11Error, Pkcs11KeyFile, Pkcs11Recipient, Pkcs11Unwrapper, Pkcs11Wrapper,
+    };
+    use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper};
+
+    use crate::error::{CliError, ErrorKind};
+
+    /// What to do about a module policy that is missing or broken.
+    const CONFIG_HINT: &str = "PKCS#11 modules are loaded only as ocicrypt.conf allows: set OCICRYPT_CONFIG=internal (the distributions' module directories) or point it at a file with pkcs11: module-directories: and allowed-module-paths:";
+
+    fn p11_error(what: &str, e: &Pkcs11Error) -> CliError {
+        let c = CliError::new(ErrorKind::KeyFile, format!("{what}: {e}"));
+        match e {
+            Pkcs11Error::NoConfig { .. }
+            | Pkcs11Error::Config { .. }
+            | Pkcs11Error::ModuleNotAllowed { .. } => c.hint(CONFIG_HINT),
+            Pkcs11Error::Hash { .. } => CliError::usage(format!("{what}: {e}")),
+            _ => c,
+        }
+    }
+
+    /// The module policy for key files.
+    pub(super) fn config() -> Result<Pkcs11Config, CliError> {
+        Pkcs11Config::from_env()
+            .map(|(c, _)| c)
+            .map_err(|e| p11_error("PKCS#11 keys", &e))
+    }
+
+    /// The recipients of one encryption.
+    #[derive(Default)]
+    pub(super) struct Recipients {
+        list: Vec<Pkcs11Recipient>,
+        token_keys: bool,
+    }
+
+    impl Recipients {
+        pub(super) fn add(&mut self, path: &Path) -> Result<(), CliError> {
+            let what = format!("recipient pkcs11:{}", path.display());
+            let bytes = ocicrypt_core::fsutil::read_regular(path, ocicrypt_core::keys::MAX_KEY_FILE_SIZE)
+                .map_err(|e| CliError::new(ErrorKind::KeyFile, format!("{what}: cannot read it: {e}")))?;
+            if Pkcs11KeyFile::is_key_file(&bytes) {
+                let k = Pkcs11KeyFile::from_bytes(&bytes, &path.display().to_string())
+                    .map_err(|e| p11_error(&what, &e))?;
+                self.list.push(Pkcs11Recipient::Token(k));
+                self.token_keys = true;
+                return Ok(());
+            }
+            let k = PublicKey::from_bytes(&bytes, &path.display().to_string()).map_err(|e| {
+                CliError::new(
+                    ErrorKind::KeyFile,
+                    format!(
+                        "{what}: neither a PKCS#11 key file (YAML with pkcs11: uri:) nor a public key: {e}"
+                    ),
+                )
+            })?;
+            if !matches!(k.kind(), KeyKind::Rsa { .. }) {
+                return Err(CliError::new(
+                    ErrorKind::KeyFile,
+                    format!("{what}: pkcs11: encrypts with RSA-OAEP, this is {}", k.describe()),
+                ));
+            }
+            self.list.push(Pkcs11Recipient::PublicKey(k));
+            Ok(())
+        }
+
+        pub(super) fn wrapper(self) -> Result<Option<Arc<dyn AsyncKeyWrapper>>, CliError> {
+            if self.list.is_empty() {
+                return Ok(None);
+            }
+            let hash = OaepHash::from_env().map_err(|e| p11_error("recipient pkcs11:", &e))?;
+            let config = if self.token_keys {
+                config()?
+            } else {
+                Pkcs11Config::default()
+            };
+            let w = Pkcs11Wrapper::new(self.list, hash, config).map_err(|e| {
+                CliError::new(
+                    ErrorKind::KeyFile,
+                    format!("cannot encrypt for these recipients: {e}"),
+                )
+            })?;
+            Ok(Some(Arc::new(w)))
+        }
+    }
+
+    /// The key file at `path` if it is a PKCS#11 key file (with the PIN of `--key FILE:PIN`).
+    pub(super) fn key_file(path: &Path, pin: Option<&[u8]>) -> Result<Option<Pkcs11KeyFile>, CliError> {
+        let Ok(bytes) = ocicrypt_core::fsutil::read_regular(path, ocicrypt_core::keys::MAX_KEY_FILE_SIZE)
+        else {
+            // Left to the other key parsers, which say what is wrong.
+            return Ok(None);
+        };
+        let bytes = zeroize::Zeroizing::new(bytes);
+        if !Pkcs11KeyFile::is_key_file(&bytes) {
+            return Ok(None);
+        }
+        let k = Pkcs11KeyFile::from_bytes(&bytes, &path.display().to_string())
+            .map_err(|e| p11_error(&format!("key {}", path.display()), &e))?;
+        Ok(Some(match pin {
+            Some(p) => k.with_pin(p),
+            None => k,
+        }))
+    }
+
+    /// The unwrapper for these key files.
+    pub(super) fn unwrapper(keys: Vec<Pkcs11KeyFile>) -> Result<Arc<dyn AsyncKeyUnwrapper>, CliError> {
+        Ok(Arc::new(Pkcs11Unwrapper::new(keys, config()?)))
     }
 }

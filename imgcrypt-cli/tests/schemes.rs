@@ -194,18 +194,11 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Replaces the first layer's `keys.<scheme>` annotation and re-digests the manifest (so only
 /// the key blob is wrong).
 fn rewrite_annotation(layout: &Path, scheme: &str, value: &str) {
-    let index_path = layout.join("index.json");
-    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
-    let d = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let mut m: serde_json::Value = serde_json::from_slice(&testkit::image::read_blob(layout, &d)).unwrap();
-    m["layers"][0]["annotations"][format!("org.opencontainers.image.enc.keys.{scheme}")] = value.into();
-    let bytes = serde_json::to_vec(&m).unwrap();
-    let digest = testkit::image::sha256(&bytes);
-    let hex = digest.trim_start_matches("sha256:");
-    std::fs::write(layout.join("blobs/sha256").join(hex), &bytes).unwrap();
-    index["manifests"][0]["digest"] = digest.clone().into();
-    index["manifests"][0]["size"] = bytes.len().into();
-    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    testkit::image::set_layer_annotation(
+        layout,
+        &format!("org.opencontainers.image.enc.keys.{scheme}"),
+        value,
+    );
 }
 
 #[allow(dead_code)]

@@ -23,13 +23,12 @@
 
 mod config;
 mod keyfile;
+#[cfg(all(test, feature = "pkcs11"))]
+mod tests;
 #[cfg(feature = "pkcs11")]
 mod token;
 mod uri;
-#[cfg(all(test, feature = "pkcs11"))]
-mod tests;
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -274,13 +273,15 @@ impl Pkcs11Blob {
     /// # Errors
     /// A message saying what is wrong (no input quoted).
     pub fn parse(bytes: &[u8]) -> Result<Pkcs11Blob, String> {
-        let b: Pkcs11Blob = serde_json::from_slice(bytes)
-            .map_err(|e| format!("not the PKCS#11 blob JSON (line {} column {})", e.line(), e.column()))?;
+        let b: Pkcs11Blob = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "not the PKCS#11 blob JSON (line {} column {})",
+                e.line(),
+                e.column()
+            )
+        })?;
         if b.version != 0 {
-            return Err(format!(
-                "blob version {} (only version 0 is known)",
-                b.version
-            ));
+            return Err(format!("blob version {} (only version 0 is known)", b.version));
         }
         if b.recipients.len() > MAX_RECIPIENTS {
             return Err(format!(
@@ -329,6 +330,7 @@ pub use wrap::{Pkcs11Recipient, Pkcs11Unwrapper, Pkcs11Wrapper};
 
 #[cfg(feature = "pkcs11")]
 mod wrap {
+    use std::borrow::Cow;
     use std::collections::BTreeSet;
     use std::sync::Mutex;
 
@@ -515,7 +517,11 @@ mod wrap {
             }
             let mut unusable: BTreeSet<String> = BTreeSet::new();
             for (i, key) in self.keys.iter().enumerate() {
-                let known = self.dead.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i].clone();
+                let known = self
+                    .dead
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)[i]
+                    .clone();
                 if let Some(e) = known {
                     unusable.insert(format!("{}: {e}", key.describe()));
                     continue;
@@ -526,7 +532,9 @@ mod wrap {
                     Err(e) => {
                         unusable.insert(format!("{}: {e}", key.describe()));
                         if e.key_unusable() {
-                            self.dead.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(e);
+                            self.dead
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(e);
                         }
                     }
                 }

@@ -259,3 +259,43 @@ pub fn manifests(layout: &Path, tag: &str) -> Vec<(String, serde_json::Value)> {
         vec![(String::new(), top)]
     }
 }
+
+/// The first layer's annotation `key` of the first image in `layout`.
+pub fn layer_annotation(layout: &Path, key: &str) -> Option<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let d = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let m: serde_json::Value = serde_json::from_slice(&read_blob(layout, &d)).unwrap();
+    m["layers"][0]["annotations"][key].as_str().map(str::to_owned)
+}
+
+/// Sets the first layer's annotation `key` of the first image in `layout` and re-digests the
+/// manifest (so only that annotation differs; the layer data is untouched).
+pub fn set_layer_annotation(layout: &Path, key: &str, value: &str) {
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let d = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let mut m: serde_json::Value = serde_json::from_slice(&read_blob(layout, &d)).unwrap();
+    m["layers"][0]["annotations"][key] = value.into();
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let digest = sha256(&bytes);
+    let hex = digest.trim_start_matches("sha256:");
+    std::fs::write(layout.join("blobs/sha256").join(hex), &bytes).unwrap();
+    index["manifests"][0]["digest"] = digest.clone().into();
+    index["manifests"][0]["size"] = bytes.len().into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Copies an OCI layout (or any directory tree of regular files).
+pub fn copy_layout(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_layout(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}

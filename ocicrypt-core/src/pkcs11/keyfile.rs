@@ -93,9 +93,11 @@ impl Pkcs11KeyFile {
     /// [`Pkcs11Error::Io`], or as [`from_bytes`](Self::from_bytes).
     pub fn from_file(path: &Path) -> Result<Pkcs11KeyFile, Pkcs11Error> {
         let bytes = Zeroizing::new(
-            crate::fsutil::read_regular(path, crate::keys::MAX_KEY_FILE_SIZE).map_err(|e| Pkcs11Error::Io {
-                path: path.display().to_string(),
-                reason: e.to_string(),
+            crate::fsutil::read_regular(path, crate::keys::MAX_KEY_FILE_SIZE).map_err(|e| {
+                Pkcs11Error::Io {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }
             })?,
         );
         Pkcs11KeyFile::from_bytes(&bytes, &path.display().to_string())

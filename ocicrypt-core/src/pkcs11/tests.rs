@@ -74,13 +74,19 @@ fn module_policy() {
     assert_eq!(by_name.module(&allow_dir).unwrap(), mods.join("libsofthsm2.so"));
     // "softhsm" must not match libsofthsm2.so (Go requires the name to end there or at a '.').
     let prefix = Pkcs11Uri::parse("pkcs11:object=k?module-name=softhsm").unwrap();
-    assert!(matches!(prefix.module(&allow_dir), Err(Pkcs11Error::ModuleNotFound { .. })));
+    assert!(matches!(
+        prefix.module(&allow_dir),
+        Err(Pkcs11Error::ModuleNotFound { .. })
+    ));
     // Only the named file allowed.
     let only = Pkcs11Config {
         module_directories: vec![d.clone()],
         allowed_module_paths: vec![mods.join("libother.so").display().to_string()],
     };
-    assert!(matches!(by_name.module(&only), Err(Pkcs11Error::ModuleNotAllowed { .. })));
+    assert!(matches!(
+        by_name.module(&only),
+        Err(Pkcs11Error::ModuleNotAllowed { .. })
+    ));
     // module-path to a file: allowed by directory, not from a subdirectory.
     let path = |p: &Path| Pkcs11Uri::parse(&format!("pkcs11:object=k?module-path={}", p.display())).unwrap();
     assert!(path(&mods.join("libother.so")).module(&allow_dir).is_ok());
@@ -93,8 +99,7 @@ fn module_policy() {
         path(&mods.join("libother.so")).module(&Pkcs11Config::default()),
         Err(Pkcs11Error::ModuleNotAllowed { .. })
     ));
-    assert!(Pkcs11Config::internal()
-        .allows(Path::new("/usr/lib/softhsm/libsofthsm2.so")));
+    assert!(Pkcs11Config::internal().allows(Path::new("/usr/lib/softhsm/libsofthsm2.so")));
 }
 
 #[test]
@@ -173,16 +178,24 @@ fn software_wrap_decrypts_with_openssl() {
     let (k, p) = rsa(2048);
     let opts = br#"{"cipher":"AES_256_CTR_HMAC_SHA256","symkey":"x"}"#;
     for hash in [OaepHash::Sha1, OaepHash::Sha256] {
-        let w = Pkcs11Wrapper::new(vec![Pkcs11Recipient::PublicKey(p.clone())], hash, Pkcs11Config::default())
-            .unwrap();
+        let w = Pkcs11Wrapper::new(
+            vec![Pkcs11Recipient::PublicKey(p.clone())],
+            hash,
+            Pkcs11Config::default(),
+        )
+        .unwrap();
         let blob = Pkcs11Blob::parse(&w.wrap_keys(opts).unwrap()).unwrap();
         assert_eq!(blob.recipients[0].hash, hash.name());
         let (cts, _) = blob.ciphertexts();
         assert_eq!(oaep_decrypt(&k, hash, &cts[0].0), opts);
     }
     // The size trap: 200 bytes do not fit RSA-2048 with SHA-256 OAEP.
-    let w = Pkcs11Wrapper::new(vec![Pkcs11Recipient::PublicKey(p)], OaepHash::Sha256, Pkcs11Config::default())
-        .unwrap();
+    let w = Pkcs11Wrapper::new(
+        vec![Pkcs11Recipient::PublicKey(p)],
+        OaepHash::Sha256,
+        Pkcs11Config::default(),
+    )
+    .unwrap();
     let e = w.wrap_keys(&[b'x'; 200]).unwrap_err();
     assert!(e.to_string().contains("OCICRYPT_OAEP_HASHALG=sha1"), "{e}");
 }
@@ -190,8 +203,12 @@ fn software_wrap_decrypts_with_openssl() {
 #[test]
 fn unwrap_refuses_a_module_outside_the_policy_without_loading_it() {
     let (_, p) = rsa(2048);
-    let w = Pkcs11Wrapper::new(vec![Pkcs11Recipient::PublicKey(p)], OaepHash::Sha1, Pkcs11Config::default())
-        .unwrap();
+    let w = Pkcs11Wrapper::new(
+        vec![Pkcs11Recipient::PublicKey(p)],
+        OaepHash::Sha1,
+        Pkcs11Config::default(),
+    )
+    .unwrap();
     let blob = w.wrap_keys(b"{}").unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Not a library at all: loading it would fail differently.

@@ -155,7 +155,9 @@ fn open(
             Ok(()) => Ok(()),
             Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
             Err(e) => Err(match rv(&e) {
-                Some(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange) => Pkcs11Error::WrongPin,
+                Some(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange) => {
+                    Pkcs11Error::WrongPin
+                }
                 Some(RvError::PinLocked) => Pkcs11Error::PinLocked,
                 _ => token_error("login", &e),
             }),
@@ -241,13 +243,11 @@ fn open(
     };
     match objects.as_slice() {
         [one] => Ok((opened, *one)),
-        [] => return Err(Pkcs11Error::KeyNotFound { what: what() }),
-        more => {
-            return Err(Pkcs11Error::AmbiguousKey {
-                what: what(),
-                count: more.len(),
-            })
-        }
+        [] => Err(Pkcs11Error::KeyNotFound { what: what() }),
+        more => Err(Pkcs11Error::AmbiguousKey {
+            what: what(),
+            count: more.len(),
+        }),
     }
 }
 
@@ -257,7 +257,9 @@ fn with_key<T>(
     private: bool,
     op: impl FnOnce(&Session, ObjectHandle) -> Result<T, Pkcs11Error>,
 ) -> Result<T, Pkcs11Error> {
-    let _lock = TOKEN_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _lock = TOKEN_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let _env = EnvGuard::set(key.env())?;
     let (opened, handle) = open(key, config, private)?;
     let session = opened.session.as_ref().ok_or(Pkcs11Error::MissingPin)?;

@@ -80,7 +80,8 @@ impl Pkcs11Uri {
                 let (k, v) = part
                     .split_once('=')
                     .ok_or_else(|| bad("malformed path attribute (no '=')"))?;
-                let v = pct_decode(v).map_err(|e| bad(&format!("path attribute {}: {e}", redact::token(k))))?;
+                let v =
+                    pct_decode(v).map_err(|e| bad(&format!("path attribute {}: {e}", redact::token(k))))?;
                 if uri.path.insert(k.to_owned(), v).is_some() {
                     return Err(bad(&format!("duplicate path attribute {}", redact::token(k))));
                 }
@@ -91,7 +92,8 @@ impl Pkcs11Uri {
                 let (k, v) = part
                     .split_once('=')
                     .ok_or_else(|| bad("malformed query attribute (no '=')"))?;
-                let v = pct_decode(v).map_err(|e| bad(&format!("query attribute {}: {e}", redact::token(k))))?;
+                let v =
+                    pct_decode(v).map_err(|e| bad(&format!("query attribute {}: {e}", redact::token(k))))?;
                 if uri.query.insert(k.to_owned(), Zeroizing::new(v)).is_some() {
                     return Err(bad(&format!("duplicate query attribute {}", redact::token(k))));
                 }
@@ -104,7 +106,11 @@ impl Pkcs11Uri {
     fn validate(&self) -> Result<(), Pkcs11Error> {
         let bad = |reason: String| Pkcs11Error::Uri { reason };
         if let Some(v) = self.path.get("slot-id") {
-            if std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()).is_none() {
+            if std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .is_none()
+            {
                 return Err(bad(format!("slot-id must be a number, not {}", text(v))));
             }
         }
@@ -187,14 +193,24 @@ impl Pkcs11Uri {
             return Ok(None);
         };
         let src = String::from_utf8_lossy(src).into_owned();
-        let path = src.strip_prefix("file://").or_else(|| src.strip_prefix("file:")).unwrap_or(&src);
+        let path = src
+            .strip_prefix("file://")
+            .or_else(|| src.strip_prefix("file:"))
+            .unwrap_or(&src);
         let bad = |reason: String| Pkcs11Error::PinSource { reason };
         if !Path::new(path).is_absolute() {
-            return Err(bad(format!("pin-source {} is not an absolute path", shown(Path::new(path)))));
+            return Err(bad(format!(
+                "pin-source {} is not an absolute path",
+                shown(Path::new(path))
+            )));
         }
         let mut pin = Zeroizing::new(
-            crate::fsutil::read_regular(Path::new(path), MAX_PIN_FILE)
-                .map_err(|e| bad(format!("cannot read the PIN file {}: {e}", shown(Path::new(path)))))?,
+            crate::fsutil::read_regular(Path::new(path), MAX_PIN_FILE).map_err(|e| {
+                bad(format!(
+                    "cannot read the PIN file {}: {e}",
+                    shown(Path::new(path))
+                ))
+            })?,
         );
         if pin.last() == Some(&b'\n') {
             pin.pop();
@@ -243,9 +259,7 @@ impl Pkcs11Uri {
                 if config.allows(&p) {
                     return Ok(p);
                 }
-                return Err(Pkcs11Error::ModuleNotAllowed {
-                    module: shown(&p),
-                });
+                return Err(Pkcs11Error::ModuleNotAllowed { module: shown(&p) });
             }
             if !meta.is_dir() {
                 return Err(Pkcs11Error::ModuleNotFound {
@@ -256,9 +270,12 @@ impl Pkcs11Uri {
         } else {
             config.module_directories.iter().map(PathBuf::from).collect()
         };
-        let name = self.query.get("module-name").ok_or_else(|| Pkcs11Error::ModuleNotFound {
-            what: "the URI names no module (module-name or module-path)".into(),
-        })?;
+        let name = self
+            .query
+            .get("module-name")
+            .ok_or_else(|| Pkcs11Error::ModuleNotFound {
+                what: "the URI names no module (module-name or module-path)".into(),
+            })?;
         let name = String::from_utf8_lossy(name).to_lowercase();
         if name.is_empty() {
             return Err(Pkcs11Error::ModuleNotFound {
@@ -285,9 +302,7 @@ impl Pkcs11Uri {
                     if config.allows(&f) {
                         return Ok(f);
                     }
-                    return Err(Pkcs11Error::ModuleNotAllowed {
-                        module: shown(&f),
-                    });
+                    return Err(Pkcs11Error::ModuleNotAllowed { module: shown(&f) });
                 }
             }
         }
@@ -295,11 +310,7 @@ impl Pkcs11Uri {
             what: format!(
                 "no module named {} in the module directories ({})",
                 redact::token(&name),
-                searchdirs
-                    .iter()
-                    .map(|d| shown(d))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                searchdirs.iter().map(|d| shown(d)).collect::<Vec<_>>().join(", ")
             ),
         })
     }
