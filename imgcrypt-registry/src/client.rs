@@ -898,6 +898,60 @@ impl RegistryImage {
         self.pending_upload(url, false);
     }
 
+    /// Mounts blob `digest` from repository `from_repo` of this same registry into this
+    /// image's repository (`POST /v2/<repo>/blobs/uploads/?mount=<digest>&from=<from_repo>`), so
+    /// that its bytes do not travel through this process: what skopeo does for layers that
+    /// stay as they are. `Ok(true)`: the registry mounted it (`201 Created`). `Ok(false)`: it
+    /// did not (the blob is not in `from_repo`, or the registry does not mount and opened a
+    /// normal upload instead, `202 Accepted`; that upload is deleted): push the blob with
+    /// [`ImageDest::write_blob`] as usual.
+    ///
+    /// # Errors
+    /// As any request: unreachable registry, refused credentials, another status.
+    pub async fn mount_blob(&self, digest: &str, from_repo: &str) -> Result<bool, CoreError> {
+        let mut url = reqwest::Url::parse(&self.url("blobs/uploads/")).map_err(|e| {
+            core(RegistryError::Protocol {
+                registry: self.host(),
+                detail: format!("bad upload URL: {e}"),
+            })
+        })?;
+        url.query_pairs_mut()
+            .append_pair("mount", digest)
+            .append_pair("from", from_repo);
+        let resp = self
+            .send(|c| c.post(url.clone()).header(CONTENT_LENGTH, "0"))
+            .await
+            .map_err(core)?;
+        match resp.status() {
+            StatusCode::CREATED => {
+                tracing::debug!(
+                    "registry {}: mounted {digest} from {from_repo} into {}",
+                    self.host(),
+                    self.r.repo
+                );
+                Ok(true)
+            }
+            StatusCode::ACCEPTED => {
+                // A plain upload was started instead: nothing is committed without a PUT, but
+                // remove it now rather than leave it to the registry's garbage collection.
+                if let Ok(loc) = self.location(&resp) {
+                    self.delete_upload(&loc).await;
+                }
+                Ok(false)
+            }
+            _ => Err(core(
+                self.status_error(resp, &format!("mounting blob {digest} from {from_repo}"))
+                    .await,
+            )),
+        }
+    }
+
+    /// The repository this image is in (`library/busybox`), and its registry as named
+    /// (`host[:port]`): a blob can be mounted between two images with the same registry.
+    pub fn repository(&self) -> (&str, &str) {
+        (&self.r.host, &self.r.repo)
+    }
+
     async fn upload(&self, data: &mut (dyn AsyncRead + Send + Unpin)) -> Result<(String, u64), CoreError> {
         let start = self.url("blobs/uploads/");
         let resp = self
