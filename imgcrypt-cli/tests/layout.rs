@@ -450,9 +450,9 @@ fn error_paths_have_their_own_codes() {
     .expect_code(4)
     .stderr_has(&["wrong key", "cert.key.pem", "layer 0 (sha256:"]);
     // unknown scheme: 6
-    imgcrypt(&["encrypt", "--recipient", "pkcs11:key.yaml", &enc, &out])
+    imgcrypt(&["encrypt", "--recipient", "tpm:key.pem", &enc, &out])
         .expect_code(6)
-        .stderr_has(&["unknown scheme \"pkcs11\"", "jwe:"]);
+        .stderr_has(&["unknown scheme \"tpm\"", "jwe:"]);
     imgcrypt(&["encrypt", "--recipient", "provider:nope", &enc, &out])
         .expect_code(6)
         .stderr_has(&["OCICRYPT_KEYPROVIDER_CONFIG"]);
