@@ -454,8 +454,14 @@ async fn transform(t: Transform, ctx: &mut Ctx<'_>) -> Result<(), CliError> {
             } else {
                 format!("{} -> {}", short(&l.from), short(&l.to))
             };
+            let via = match l.transfer {
+                Some(ocicrypt_core::image::Transfer::Reflink) => ", reflinked",
+                Some(ocicrypt_core::image::Transfer::KernelCopy) => ", copied in the kernel",
+                Some(ocicrypt_core::image::Transfer::Mounted) => ", mounted from the source repository",
+                _ => "",
+            };
             ctx.print(&format!(
-                "  {plat}layer {}: {:<9} {change} ({})",
+                "  {plat}layer {}: {:<9} {change} ({}{via})",
                 l.index,
                 l.action,
                 human_size(l.size)

@@ -58,6 +58,13 @@ fn base_layers_stay_plain_and_identical_and_skopeo_decrypts_the_rest() {
         .map(|l| l["action"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(actions, ["base", "base", "encrypted", "encrypted"]);
+    // Layout to layout on one filesystem: the base layers were copied by the kernel.
+    for l in &r.json()["layers"].as_array().unwrap()[..2] {
+        assert!(
+            l["transfer"] == "kernel-copy" || l["transfer"] == "reflink",
+            "{l}"
+        );
+    }
 
     // The base layers: same descriptors (plus the mark), same bytes; the others encrypted.
     let out = layers(&enc, "v1");

@@ -26,7 +26,7 @@ use tokio::io::AsyncRead;
 
 use super::digest::{format_sha256, verify_bytes};
 use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
-use super::{canonical_json, BlobReader, ImageDest, ImageSource};
+use super::{canonical_json, BlobReader, ImageDest, ImageSource, Transfer};
 use crate::cipher::io::to_io;
 use crate::keywrap::BoxFuture;
 use crate::Error;
@@ -433,6 +433,16 @@ impl ImageSource for OciLayout {
             Ok(rx)
         })
     }
+
+    fn blob_file<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<Option<fs::File>, Error>> {
+        Box::pin(async move {
+            let digest = desc.digest().to_string();
+            if !digest.starts_with("sha256:") {
+                return Ok(None);
+            }
+            self.open_sized(&digest, desc.size()).map(Some)
+        })
+    }
 }
 
 /// Reads `file` into chunks on a blocking thread, hashing as it goes; ends the stream with a
@@ -527,20 +537,7 @@ impl ImageDest for OciLayout {
     ) -> BoxFuture<'a, Result<(String, u64), Error>> {
         Box::pin(async move {
             let dir = self.blob_dir("sha256")?;
-            // Named with our pid, so a later write can tell a temporary left by a killed run from
-            // one a running writer owns; created 0666 less the umask, as skopeo's blobs are.
-            let tmp = {
-                let mut temps = self.temps.lock().expect("lock");
-                if self.aborted.load(Ordering::SeqCst) {
-                    return Err(aborted());
-                }
-                let tmp = tempfile::Builder::new()
-                    .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
-                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-                    .tempfile_in(&dir)?;
-                temps.push(tmp.path().to_owned());
-                tmp
-            };
+            let tmp = self.new_temp(&dir)?;
             let tmp_path = tmp.path().to_owned();
             let forget_tmp = || self.temps.lock().expect("lock").retain(|p| p != &tmp_path);
             // Hash and write on a blocking thread, straight from the chunks.
@@ -563,31 +560,36 @@ impl ImageDest for OciLayout {
             .map_err(|e| Error::Image(format!("blob writer thread failed: {e}")));
             forget_tmp();
             let (tmp, digest, len) = written??;
-            let dest = self.blob_path(&digest)?;
-            let existed = fs::symlink_metadata(&dest).is_ok();
-            let keep = existed && {
-                let me = OciLayout::new(self.root.clone(), None);
-                let d = digest.clone();
-                tokio::task::spawn_blocking(move || me.blob_verifies(&d, Some(len)))
-                    .await
-                    .unwrap_or(false)
-            };
-            if keep {
-                drop(tmp);
-            } else {
-                // Absent, or present with the wrong bytes (or as a link, which the rename
-                // replaces rather than writes through).
-                let mut created = self.created.lock().expect("lock");
-                if self.aborted.load(Ordering::SeqCst) {
-                    return Err(aborted());
-                }
-                tmp.persist(&dest).map_err(|e| Error::Io(e.error))?;
-                crate::fsutil::sync_dir(&dir);
-                if !existed {
-                    created.push(dest);
-                }
-            }
+            self.publish(tmp, &dir, &digest, len).await?;
             Ok((digest, len))
+        })
+    }
+
+    fn copy_unchanged<'a>(
+        &'a self,
+        src: &'a dyn ImageSource,
+        desc: &'a Descriptor,
+    ) -> BoxFuture<'a, Result<Option<Transfer>, Error>> {
+        Box::pin(async move {
+            let Some(file) = src.blob_file(desc).await? else {
+                return Ok(None);
+            };
+            let dir = self.blob_dir("sha256")?;
+            let tmp = self.new_temp(&dir)?;
+            let tmp_path = tmp.path().to_owned();
+            let digest = desc.digest().to_string();
+            let size = desc.size();
+            let what = format!("blob {digest} copied from {}", src.describe());
+            let d = digest.clone();
+            let copied = tokio::task::spawn_blocking(move || kernel_copy(&file, tmp, size, &d, &what))
+                .await
+                .map_err(|e| Error::Image(format!("blob copy thread failed: {e}")));
+            self.temps.lock().expect("lock").retain(|p| p != &tmp_path);
+            let Some((tmp, how)) = copied?? else {
+                return Ok(None);
+            };
+            self.publish(tmp, &dir, &digest, size).await?;
+            Ok(Some(how))
         })
     }
 
@@ -633,6 +635,115 @@ impl ImageDest for OciLayout {
                 }
             }
         })
+    }
+}
+
+/// Copies `size` bytes of `src` into `tmp` inside the kernel: a reflink (`FICLONE`: the
+/// filesystem shares the extents, copy-on-write, so a later write to either file leaves the
+/// other as it was) where the filesystem supports it, else `copy_file_range` (no copy through
+/// user space). Then reads the copy once to verify it against `digest`: the source layout is
+/// hostile input, and what is published is what was verified. `None` when the kernel cannot
+/// copy between these files (another filesystem, an old kernel): the caller streams the blob.
+fn kernel_copy(
+    src: &fs::File,
+    tmp: tempfile::NamedTempFile,
+    size: u64,
+    digest: &str,
+    what: &str,
+) -> Result<Option<(tempfile::NamedTempFile, Transfer)>, Error> {
+    use rustix::io::Errno;
+    let how = if rustix::fs::ioctl_ficlone(tmp.as_file(), src).is_ok() {
+        Transfer::Reflink
+    } else {
+        let (mut off_in, mut off_out) = (0u64, 0u64);
+        while off_out < size {
+            let want = usize::try_from((size - off_out).min(1 << 30)).unwrap_or(1 << 30);
+            match rustix::fs::copy_file_range(src, Some(&mut off_in), tmp.as_file(), Some(&mut off_out), want)
+            {
+                Ok(0) => break, // the source is shorter than declared: caught below
+                Ok(_) => {}
+                Err(Errno::INTR) => {}
+                Err(
+                    Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP | Errno::BADF | Errno::PERM,
+                ) if off_out == 0 => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(Error::Io(io::Error::from(e))),
+            }
+        }
+        Transfer::KernelCopy
+    };
+    let mismatch = |actual: String| Error::DigestMismatch {
+        what: what.to_owned(),
+        expected: format!("{digest} ({size} bytes)"),
+        actual,
+    };
+    let mut copy = tmp.reopen()?;
+    let len = copy.metadata()?.len();
+    if len != size {
+        return Err(mismatch(format!("a file of {len} bytes")));
+    }
+    let mut hasher = Sha256::new();
+    io::copy(&mut (&mut copy).take(size), &mut hasher)?;
+    let actual = format_sha256(hasher);
+    if actual != digest {
+        return Err(mismatch(actual));
+    }
+    tmp.as_file().sync_all()?;
+    Ok(Some((tmp, how)))
+}
+
+impl OciLayout {
+    /// A new temporary file in the blob directory `dir`, registered for `abort`. Named with our
+    /// pid, so a later write can tell a temporary left by a killed run from one a running writer
+    /// owns; created 0666 less the umask, as skopeo's blobs are.
+    fn new_temp(&self, dir: &Path) -> Result<tempfile::NamedTempFile, Error> {
+        let mut temps = self.temps.lock().expect("lock");
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(aborted());
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(dir)?;
+        temps.push(tmp.path().to_owned());
+        Ok(tmp)
+    }
+
+    /// Moves a complete, verified, synced temporary file into place as blob `digest`, unless an
+    /// identical blob is there already.
+    async fn publish(
+        &self,
+        tmp: tempfile::NamedTempFile,
+        dir: &Path,
+        digest: &str,
+        len: u64,
+    ) -> Result<(), Error> {
+        let dest = self.blob_path(digest)?;
+        let existed = fs::symlink_metadata(&dest).is_ok();
+        let keep = existed && {
+            let me = OciLayout::new(self.root.clone(), None);
+            let d = digest.to_owned();
+            tokio::task::spawn_blocking(move || me.blob_verifies(&d, Some(len)))
+                .await
+                .unwrap_or(false)
+        };
+        if keep {
+            drop(tmp);
+        } else {
+            // Absent, or present with the wrong bytes (or as a link, which the rename
+            // replaces rather than writes through).
+            let mut created = self.created.lock().expect("lock");
+            if self.aborted.load(Ordering::SeqCst) {
+                return Err(aborted());
+            }
+            tmp.persist(&dest).map_err(|e| Error::Io(e.error))?;
+            crate::fsutil::sync_dir(dir);
+            if !existed {
+                created.push(dest);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -781,5 +892,40 @@ mod tests {
         drop(tx);
         assert!(l.write_blob_chunks("x", None, rx).await.is_err());
         assert_eq!(blob_files(&l), before);
+    }
+
+    #[tokio::test]
+    async fn unchanged_blobs_are_copied_in_the_kernel_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = OciLayout::open_or_create(dir.path().join("src"), Some("t")).unwrap();
+        let dst = OciLayout::open_or_create(dir.path().join("dst"), Some("t")).unwrap();
+        let data: Vec<u8> = (0..3 * pipeline::CHUNK + 7).map(|i| (i % 251) as u8).collect();
+        let digest = src.put_bytes(&data).unwrap();
+        let desc = descriptor("application/octet-stream", &digest, data.len() as u64).unwrap();
+
+        // A tampered source (same size, one bit flipped) is copied, found wrong, not published.
+        let mut tampered = data.clone();
+        tampered[pipeline::CHUNK + 1] ^= 1;
+        fs::write(src.blob_path(&digest).unwrap(), &tampered).unwrap();
+        let e = dst.copy_unchanged(&src, &desc).await.unwrap_err();
+        assert!(matches!(e, Error::DigestMismatch { .. }), "{e:?}");
+        assert!(blob_files(&dst).is_empty(), "{:?}", blob_files(&dst));
+
+        // The right bytes: copied by the kernel (a reflink or copy_file_range), identical.
+        fs::write(src.blob_path(&digest).unwrap(), &data).unwrap();
+        let how = dst.copy_unchanged(&src, &desc).await.unwrap();
+        assert!(
+            matches!(how, Some(Transfer::Reflink | Transfer::KernelCopy)),
+            "{how:?}"
+        );
+        assert_eq!(fs::read(dst.blob_path(&digest).unwrap()).unwrap(), data);
+        assert_eq!(
+            blob_files(&dst),
+            vec![digest.trim_start_matches("sha256:").to_owned()]
+        );
+
+        // The copy is a file of its own: rewriting the source in place leaves it as it was.
+        fs::write(src.blob_path(&digest).unwrap(), &tampered).unwrap();
+        assert_eq!(fs::read(dst.blob_path(&digest).unwrap()).unwrap(), data);
     }
 }

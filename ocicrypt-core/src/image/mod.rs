@@ -64,6 +64,36 @@ pub trait ImageSource: Send + Sync + fmt::Debug {
             Ok(pipeline::spawn_chunks(r, pipeline::DEPTH, pool))
         })
     }
+
+    /// The blob as a local regular file of exactly `desc`'s size (opened without following
+    /// links), for a destination that copies it in the kernel and then verifies the copy.
+    /// `None` (the default): this store keeps no blob files.
+    fn blob_file<'a>(&'a self, _desc: &'a Descriptor) -> BoxFuture<'a, Result<Option<std::fs::File>, Error>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// `(registry, repository)` of a registry source (`registry` as `HOST[:PORT]`), for a
+    /// destination in the same registry to mount unchanged blobs from. `None` (the default):
+    /// not a registry.
+    fn registry_repository(&self) -> Option<(String, String)> {
+        None
+    }
+}
+
+/// How an unchanged blob reached the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transfer {
+    /// The destination already had it (verified).
+    Present,
+    /// Read and written through this process.
+    Streamed,
+    /// Shared by the filesystem (a reflink: `FICLONE`), then verified.
+    Reflink,
+    /// Copied inside the kernel (`copy_file_range`), then verified.
+    KernelCopy,
+    /// Mounted from another repository of the same registry.
+    Mounted,
 }
 
 /// Where an image goes.
@@ -95,6 +125,18 @@ pub trait ImageDest: Send + Sync + fmt::Debug {
             let mut r = data.into_reader();
             self.write_blob(media_type, size_hint, &mut r).await
         })
+    }
+    /// Stores the unchanged blob `desc` of `src` without streaming its bytes through this
+    /// process, where the two stores allow it: a kernel copy between OCI layouts, a
+    /// cross-repository mount within a registry. Returns `None` when it did not (the caller
+    /// then streams the blob); the blob is verified against `desc` either way. The default
+    /// never does.
+    fn copy_unchanged<'a>(
+        &'a self,
+        _src: &'a dyn ImageSource,
+        _desc: &'a Descriptor,
+    ) -> BoxFuture<'a, Result<Option<Transfer>, Error>> {
+        Box::pin(async { Ok(None) })
     }
     /// Stores a manifest or index that children of the root refer to by digest.
     fn write_manifest<'a>(&'a self, bytes: &'a [u8], media_type: &'a str)

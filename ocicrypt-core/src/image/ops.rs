@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::base::{BaseImage, BASE_LAYER_ANNOTATION};
 use super::pipeline::{self, ChunkPool, ChunkReceiver, ChunkSender};
-use super::{ImageDest, ImageSource};
+use super::{ImageDest, ImageSource, Transfer};
 use crate::cipher::io::to_io;
 use crate::cipher::{self, LayerKey, Nonce};
 use crate::keywrap::{
@@ -227,6 +227,9 @@ pub struct LayerReport {
     /// Recipients removed from the layer (`recipients remove`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<String>,
+    /// How an unchanged layer's blob reached the destination (`kept` and `base` layers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
 }
 
 /// What an operation did.
@@ -258,6 +261,8 @@ struct Ctx {
 struct LayerNote {
     skipped: Vec<String>,
     removed: Vec<String>,
+    /// How an unchanged layer's blob got there.
+    transfer: Option<Transfer>,
 }
 
 /// Runs `op` on the image of `src`, writing the result to `dst`. Layers stream; up to
@@ -554,6 +559,7 @@ async fn process_manifest(
             recipients,
             skipped: note.skipped,
             removed: note.removed,
+            transfer: note.transfer,
         });
         new_layers.push(d);
     }
@@ -595,9 +601,14 @@ async fn process_manifest(
     Ok((d, out, reports))
 }
 
-async fn copy_blob(ctx: &Ctx, desc: &Descriptor) -> Result<(), Error> {
+/// Copies an unchanged blob: not at all if the destination has it, without moving its bytes
+/// through this process where the stores allow it, else streamed; verified in every case.
+async fn copy_blob(ctx: &Ctx, desc: &Descriptor) -> Result<Transfer, Error> {
     if ctx.dst.has_blob(desc).await? {
-        return Ok(());
+        return Ok(Transfer::Present);
+    }
+    if let Some(how) = ctx.dst.copy_unchanged(ctx.src.as_ref(), desc).await? {
+        return Ok(how);
     }
     let chunks = ctx.src.open_blob_chunks(desc, ChunkPool::standard()).await?;
     let (digest, _) = ctx
@@ -611,7 +622,7 @@ async fn copy_blob(ctx: &Ctx, desc: &Descriptor) -> Result<(), Error> {
             actual: digest,
         });
     }
-    Ok(())
+    Ok(Transfer::Streamed)
 }
 
 /// Removes the [`BASE_LAYER_ANNOTATION`] from a layer descriptor (and an annotation map left
@@ -649,14 +660,20 @@ async fn process_layer(
     layer: &Descriptor,
     action: Action,
 ) -> Result<(Descriptor, LayerNote), Error> {
-    let d = match action {
-        Action::Rewrap => return rewrap_layer(ctx, layer).await,
-        _ => process_data(ctx, layer, action).await?,
-    };
-    Ok((d, LayerNote::default()))
+    if action == Action::Rewrap {
+        return rewrap_layer(ctx, layer).await;
+    }
+    let mut note = LayerNote::default();
+    let d = process_data(ctx, layer, action, &mut note).await?;
+    Ok((d, note))
 }
 
-async fn process_data(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Result<Descriptor, Error> {
+async fn process_data(
+    ctx: &Arc<Ctx>,
+    layer: &Descriptor,
+    action: Action,
+    note: &mut LayerNote,
+) -> Result<Descriptor, Error> {
     let id = format!("{}", layer.digest());
     let short = id
         .trim_start_matches("sha256:")
@@ -666,7 +683,7 @@ async fn process_data(ctx: &Arc<Ctx>, layer: &Descriptor, action: Action) -> Res
     match action {
         Action::Keep | Action::Base => {
             ctx.progress.start(&short, layer.size(), "copy");
-            copy_blob(ctx, layer).await?;
+            note.transfer = Some(copy_blob(ctx, layer).await?);
             ctx.progress.finish(&short);
             let mut d = layer.clone();
             if action == Action::Base {
