@@ -369,3 +369,68 @@ fn multi_platform_base_per_platform_and_with_platform_filter() {
     ])
     .ok();
 }
+
+#[test]
+fn registry_to_registry_mounts_the_base_layers_and_skopeo_decrypts() {
+    if !have_tool("openssl") || !have_tool("skopeo") {
+        return;
+    }
+    let reg = testkit::registry::Registry::start();
+    let t = tempfile::tempdir().unwrap();
+    let (key, public) = openssl_keypair(t.path(), "k", "p256");
+    let base = t.path().join("base");
+    let app = t.path().join("app");
+    write_image(&base, "v1", &[layer(1), layer(2)]);
+    let facts = write_image(&app, "v1", &[layer(1), layer(2), layer(3)]);
+    for (layout, r) in [(&base, "library/base:v1"), (&app, "team/app:v1")] {
+        skopeo_ok(&["copy", "--dest-tls-verify=false", &oci(layout, "v1"), &reg.image(r)]);
+    }
+    let r = imgcrypt(&[
+        "--tls-verify=false",
+        "--json",
+        "encrypt",
+        "--recipient",
+        &recipient(&public),
+        "--skip-base",
+        &reg.image("library/base:v1"),
+        &reg.image("team/app:v1"),
+        &reg.image("team/app-enc:v1"),
+    ]);
+    r.ok();
+    let j = r.json();
+    let got: Vec<(String, String)> = j["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["action"].as_str().unwrap().to_owned(),
+                l["transfer"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    // The registry answered 201 to the mount of each base layer: no upload of their bytes.
+    assert_eq!(
+        got,
+        [
+            ("base".to_owned(), "mounted".to_owned()),
+            ("base".to_owned(), "mounted".to_owned()),
+            ("encrypted".to_owned(), String::new())
+        ]
+    );
+    let dec = t.path().join("dec");
+    skopeo_ok(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--decryption-key",
+        key.to_str().unwrap(),
+        &reg.image("team/app-enc:v1"),
+        &oci(&dec, "v1"),
+    ]);
+    let digests: Vec<String> = layers(&dec, "v1")
+        .iter()
+        .map(|l| sha256(&read_blob(&dec, l["digest"].as_str().unwrap())))
+        .collect();
+    let want: Vec<String> = facts.layers.iter().map(|l| l.digest.clone()).collect();
+    assert_eq!(digests, want);
+}

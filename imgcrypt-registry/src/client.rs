@@ -30,7 +30,7 @@ use futures::TryStreamExt;
 use oci_spec::image::Descriptor;
 use ocicrypt_core::image::digest::{format_sha256, verify_bytes, VerifyReader};
 use ocicrypt_core::image::layout::descriptor;
-use ocicrypt_core::image::{BlobReader, ImageDest, ImageSource};
+use ocicrypt_core::image::{BlobReader, ImageDest, ImageSource, Transfer};
 use ocicrypt_core::keywrap::BoxFuture;
 use ocicrypt_core::mediatype as mt;
 use ocicrypt_core::Error as CoreError;
@@ -1133,6 +1133,10 @@ impl ImageSource for RegistryImage {
         self.r.to_string()
     }
 
+    fn registry_repository(&self) -> Option<(String, String)> {
+        Some((self.r.host.clone(), self.r.repo.clone()))
+    }
+
     fn root(&self) -> BoxFuture<'_, Result<Descriptor, CoreError>> {
         Box::pin(async move {
             if let Some((d, _)) = self.root.lock().expect("root lock").as_ref() {
@@ -1227,6 +1231,36 @@ impl ImageSource for RegistryImage {
 impl ImageDest for RegistryImage {
     fn describe(&self) -> String {
         self.r.to_string()
+    }
+
+    /// An unchanged blob of another repository of this registry is mounted
+    /// ([`mount_blob`](Self::mount_blob)), as skopeo does; a registry that will not mount it
+    /// (`202`, or an error such as a token without pull access to the other repository) gets
+    /// it uploaded as usual.
+    fn copy_unchanged<'a>(
+        &'a self,
+        src: &'a dyn ImageSource,
+        desc: &'a Descriptor,
+    ) -> BoxFuture<'a, Result<Option<Transfer>, CoreError>> {
+        Box::pin(async move {
+            let Some((host, repo)) = src.registry_repository() else {
+                return Ok(None);
+            };
+            if host != self.r.host || repo == self.r.repo {
+                return Ok(None);
+            }
+            match self.mount_blob(&desc.digest().to_string(), &repo).await {
+                Ok(true) => Ok(Some(Transfer::Mounted)),
+                Ok(false) => Ok(None),
+                Err(e) => {
+                    tracing::debug!(
+                        "registry {host}: mounting {} from {repo} failed ({e}); uploading it",
+                        desc.digest()
+                    );
+                    Ok(None)
+                }
+            }
+        })
     }
 
     fn has_blob<'a>(&'a self, desc: &'a Descriptor) -> BoxFuture<'a, Result<bool, CoreError>> {
