@@ -383,7 +383,12 @@ fn registry_to_registry_mounts_the_base_layers_and_skopeo_decrypts() {
     write_image(&base, "v1", &[layer(1), layer(2)]);
     let facts = write_image(&app, "v1", &[layer(1), layer(2), layer(3)]);
     for (layout, r) in [(&base, "library/base:v1"), (&app, "team/app:v1")] {
-        skopeo_ok(&["copy", "--dest-tls-verify=false", &oci(layout, "v1"), &reg.image(r)]);
+        skopeo_ok(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &oci(layout, "v1"),
+            &reg.image(r),
+        ]);
     }
     let r = imgcrypt(&[
         "--tls-verify=false",

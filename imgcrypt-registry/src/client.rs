@@ -1249,7 +1249,7 @@ impl ImageDest for RegistryImage {
             if host != self.r.host || repo == self.r.repo {
                 return Ok(None);
             }
-            match self.mount_blob(&desc.digest().to_string(), &repo).await {
+            match self.mount_blob(desc.digest().as_ref(), &repo).await {
                 Ok(true) => Ok(Some(Transfer::Mounted)),
                 Ok(false) => Ok(None),
                 Err(e) => {
