@@ -601,17 +601,33 @@ async fn check(
         platforms,
         ..LayerSelection::default()
     };
-    let checks: Vec<LayerCheck> = ops::check_authorization(src.as_ref(), &unwrappers, &sel)
+    let report = ops::check_report(src.as_ref(), &unwrappers, &sel)
         .await
         .map_err(|e| from_core(&e, &keyctx))?;
+    let checks: Vec<LayerCheck> = report.checked;
+    let unchecked = report.unchecked;
     let failed: Vec<&LayerCheck> = checks.iter().filter(|c| c.error.is_some()).collect();
+    let total = checks.len() + unchecked.len();
     let details = json!({
         "image": image.to_string(),
-        "authorized": failed.is_empty(),
-        "encrypted_layers": checks.len(),
+        "authorized": failed.is_empty() && unchecked.is_empty(),
+        "encrypted_layers": total,
+        "checked_layers": checks.len(),
         "layers": checks,
+        "unchecked_layers": unchecked,
     });
-    if failed.is_empty() {
+    // "checked X of Y encrypted layers", and the layers a --platform left out.
+    let coverage = format!("checked {} of {total} encrypted layer(s)", checks.len());
+    let left_out = if unchecked.is_empty() {
+        String::new()
+    } else {
+        let v: Vec<String> = unchecked
+            .iter()
+            .map(|u| format!("{} layer {} ({})", u.platform, u.index, short(&u.digest)))
+            .collect();
+        format!("; not checked (excluded by --platform): {}", v.join(", "))
+    };
+    if failed.is_empty() && unchecked.is_empty() {
         if ctx.output.json {
             ctx.json(&details);
         } else if !ctx.output.quiet {
@@ -619,13 +635,28 @@ async fn check(
                 ctx.print(&format!("{image}: no encrypted layers (nothing to check)"));
             } else {
                 ctx.print(&format!(
-                    "{image}: the keys ({}) can decrypt all {} encrypted layer(s)",
+                    "{image}: the keys ({}) can decrypt all {} encrypted layer(s) ({coverage})",
                     keyctx.key_sources.join(", "),
                     checks.len()
                 ));
             }
         }
         return Ok(());
+    }
+    if failed.is_empty() {
+        // Never exit 0 for an image with encrypted layers that were not checked.
+        let mut e = CliError::new(
+            ErrorKind::PartialCheck,
+            format!(
+                "{image}: the keys ({}) can decrypt the {} encrypted layer(s) of --platform {}, but the image has encrypted layers that were not checked: {coverage}{left_out}",
+                keyctx.key_sources.join(", "),
+                checks.len(),
+                sel.platforms.join(",")
+            ),
+        )
+        .hint("run check without --platform to check every layer; exit 11 means exactly this: what was selected opens, the rest was not looked at");
+        e.details = Some(Box::new(details));
+        return Err(e);
     }
     // Missing key (no key for the layer's schemes) or wrong key (keys tried, none worked)?
     let info = ops::inspect(src.as_ref())
@@ -669,7 +700,7 @@ async fn check(
     let mut e = CliError::new(
         kind,
         format!(
-            "{what}: the keys ({}) cannot decrypt {} of {} encrypted layer(s) of {image}:\n  {}",
+            "{what}: the keys ({}) cannot decrypt {} of {} encrypted layer(s) of {image} ({coverage}{left_out}):\n  {}",
             if keyctx.key_sources.is_empty() {
                 "none".to_owned()
             } else {

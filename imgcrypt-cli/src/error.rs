@@ -33,6 +33,9 @@ pub enum ErrorKind {
     Network,
     /// A key file that cannot be read or used.
     KeyFile,
+    /// `check --platform`: every selected encrypted layer opens, but the image has encrypted
+    /// layers the selection left out, which were not checked.
+    PartialCheck,
     /// Interrupted by SIGINT (what was written was removed).
     Interrupted,
     /// Terminated by SIGTERM (what was written was removed).
@@ -41,7 +44,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in exit-code order (for `--help` and docs).
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::Failure,
         ErrorKind::Usage,
         ErrorKind::MissingKey,
@@ -52,6 +55,7 @@ impl ErrorKind {
         ErrorKind::RegistryAuth,
         ErrorKind::Network,
         ErrorKind::KeyFile,
+        ErrorKind::PartialCheck,
         ErrorKind::Interrupted,
         ErrorKind::Terminated,
     ];
@@ -69,6 +73,7 @@ impl ErrorKind {
             ErrorKind::RegistryAuth => 8,
             ErrorKind::Network => 9,
             ErrorKind::KeyFile => 10,
+            ErrorKind::PartialCheck => 11,
             ErrorKind::Interrupted => 130,
             ErrorKind::Terminated => 143,
         }
@@ -94,6 +99,9 @@ impl ErrorKind {
             ErrorKind::Network => "network failure: the registry could not be reached or failed",
             ErrorKind::KeyFile => {
                 "a key file cannot be read or used (missing, wrong password or PIN, not a key, PKCS#11 token or module unusable)"
+            }
+            ErrorKind::PartialCheck => {
+                "check: the selected layers open, but encrypted layers outside --platform were not checked"
             }
             ErrorKind::Interrupted => "interrupted by SIGINT (Ctrl-C); what the run wrote was removed",
             ErrorKind::Terminated => "terminated by SIGTERM; what the run wrote was removed",

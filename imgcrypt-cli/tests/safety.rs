@@ -586,3 +586,73 @@ fn a_go_written_manifest_digest_survives_the_round_trip() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(tag_digest(&dec2), tag_digest(&sdec2));
 }
+
+/// `check --platform P` on an image with encrypted layers on other platforms too: it says
+/// "checked X of Y", names the layers it left out, and does not exit 0 (exit 11); without
+/// `--platform`, or when nothing is left out, exit 0 with the same count.
+#[test]
+fn check_never_passes_with_encrypted_layers_left_unchecked() {
+    if !have_tool("openssl") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (bob, bob_pub) = openssl_keypair(t.path(), "bob", "p256");
+    let (mallory, _) = openssl_keypair(t.path(), "mallory", "p256");
+    let b = bob.display().to_string();
+    let multi = t.path().join("multi");
+    write_multiarch(
+        &multi,
+        "v1",
+        &[
+            ("amd64", vec![LayerSpec::random(2_000, 31, Compression::Gzip)]),
+            (
+                "arm64",
+                vec![
+                    LayerSpec::random(2_000, 32, Compression::Gzip),
+                    LayerSpec::random(1_000, 33, Compression::None),
+                ],
+            ),
+        ],
+    );
+    let enc = oci(&t.path().join("enc"), "v1");
+    imgcrypt(&["encrypt", "--recipient", &jwe(&bob_pub), &oci(&multi, "v1"), &enc]).ok();
+
+    // Everything: exit 0, "checked 3 of 3".
+    imgcrypt(&["check", "--key", &b, &enc])
+        .ok()
+        .stdout_has(&["checked 3 of 3 encrypted layer(s)"]);
+    // amd64 only: its layer opens, but arm64's two were not checked: exit 11, named.
+    let r = imgcrypt(&["check", "--key", &b, "--platform", "linux/amd64", &enc]);
+    r.expect_code(11).stderr_has(&[
+        "checked 1 of 3 encrypted layer(s)",
+        "not checked (excluded by --platform): linux/arm64 layer 0",
+        "linux/arm64 layer 1",
+    ]);
+    let j = imgcrypt(&["check", "--json", "--key", &b, "--platform", "linux/amd64", &enc]);
+    j.expect_code(11);
+    let v = j.json();
+    assert_eq!(v["error"]["kind"], "partial-check", "{v}");
+    assert_eq!(v["error"]["exit_code"], 11, "{v}");
+    // Both platforms named: nothing left out, exit 0.
+    imgcrypt(&[
+        "check",
+        "--key",
+        &b,
+        "--platform",
+        "linux/amd64,linux/arm64",
+        &enc,
+    ])
+    .ok()
+    .stdout_has(&["checked 3 of 3"]);
+    // A wrong key on the selected platform is still exit 4, and says what was left out.
+    imgcrypt(&[
+        "check",
+        "--key",
+        mallory.to_str().unwrap(),
+        "--platform",
+        "linux/arm64",
+        &enc,
+    ])
+    .expect_code(4)
+    .stderr_has(&["checked 2 of 3", "linux/amd64 layer 0"]);
+}

@@ -31,8 +31,8 @@ pub mod ops;
 pub mod pipeline;
 
 pub use ops::{
-    check_authorization, inspect, transform_image, ImageInfo, LayerInfo, LayerSelection, ManifestInfo,
-    Operation, Progress, TransformReport,
+    check_authorization, check_report, inspect, transform_image, ImageInfo, LayerInfo, LayerSelection,
+    ManifestInfo, Operation, Progress, TransformReport,
 };
 
 /// A streaming blob, verified against its descriptor at end-of-file.

@@ -1060,20 +1060,53 @@ pub struct LayerCheck {
     pub error: Option<String>,
 }
 
+/// An encrypted layer that a selection left out of [`check_report`].
+#[derive(Debug, Clone, Serialize)]
+pub struct UncheckedLayer {
+    /// Platform of its manifest (or the manifest digest when it names none).
+    pub platform: String,
+    /// Layer index.
+    pub index: usize,
+    /// Layer digest.
+    pub digest: String,
+}
+
+/// What [`check_report`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// One entry per encrypted layer checked.
+    pub checked: Vec<LayerCheck>,
+    /// The encrypted layers of the image the selection excluded (not checked).
+    pub unchecked: Vec<UncheckedLayer>,
+}
+
 /// Checks whether `unwrappers` can unwrap the key of every encrypted layer of every selected
-/// platform, without reading layer data. Returns one entry per encrypted layer; the image is
-/// authorized when every entry has no error (and at least one layer is encrypted or none
-/// needs to be).
+/// platform, without reading layer data. Returns one entry per encrypted layer checked; see
+/// [`check_report`] for the encrypted layers the selection left out too.
 ///
 /// # Errors
-/// Image-level errors; [`Error::Selection`] when `sel` names a platform the image does not
-/// have, or selects no encrypted layer of an image that has some (nothing would be checked:
-/// never a silent pass). Per-layer failures are in the result.
+/// As [`check_report`].
 pub async fn check_authorization(
     src: &dyn ImageSource,
     unwrappers: &[Arc<dyn AsyncKeyUnwrapper>],
     sel: &LayerSelection,
 ) -> Result<Vec<LayerCheck>, Error> {
+    check_report(src, unwrappers, sel).await.map(|r| r.checked)
+}
+
+/// As [`check_authorization`], and lists the encrypted layers the selection excluded: the image
+/// is authorized for everything only when no entry of `checked` has an error **and**
+/// `unchecked` is empty.
+///
+/// # Errors
+/// Image-level errors; [`Error::Selection`] when `sel` names a platform the image does not
+/// have, or selects no encrypted layer of an image that has some (nothing would be checked:
+/// never a silent pass). Per-layer failures are in the result.
+pub async fn check_report(
+    src: &dyn ImageSource,
+    unwrappers: &[Arc<dyn AsyncKeyUnwrapper>],
+    sel: &LayerSelection,
+) -> Result<CheckReport, Error> {
     let (root, manifests) = manifests_of(src).await?;
     let image = src.describe();
     let single = manifests.len() == 1 && root.digest() == manifests[0].0.digest();
@@ -1087,17 +1120,22 @@ pub async fn check_authorization(
     }
     let mut out = Vec::new();
     let mut unchecked = BTreeSet::new();
+    let mut unchecked_layers = Vec::new();
     for (d, m) in manifests {
         if !single && !sel.platform_selected(d.platform().as_ref()) {
-            if m.layers()
-                .iter()
-                .any(|l| mt::is_encrypted(l.media_type().as_ref()))
-            {
-                unchecked.insert(
-                    d.platform()
-                        .as_ref()
-                        .map_or_else(|| d.digest().to_string(), platform_name),
-                );
+            let name = d
+                .platform()
+                .as_ref()
+                .map_or_else(|| d.digest().to_string(), platform_name);
+            for (i, l) in m.layers().iter().enumerate() {
+                if mt::is_encrypted(l.media_type().as_ref()) {
+                    unchecked.insert(name.clone());
+                    unchecked_layers.push(UncheckedLayer {
+                        platform: name.clone(),
+                        index: i,
+                        digest: l.digest().to_string(),
+                    });
+                }
             }
             continue;
         }
@@ -1144,7 +1182,10 @@ pub async fn check_authorization(
             unchecked.into_iter().collect::<Vec<_>>().join(", ")
         )));
     }
-    Ok(out)
+    Ok(CheckReport {
+        checked: out,
+        unchecked: unchecked_layers,
+    })
 }
 
 /// A spawned task that is aborted when its handle is dropped.
