@@ -101,7 +101,7 @@ impl ErrorKind {
                 "a key file cannot be read or used (missing, wrong password or PIN, not a key, PKCS#11 token or module unusable)"
             }
             ErrorKind::PartialCheck => {
-                "check: the selected layers open, but encrypted layers outside --platform were not checked"
+                "check: the selected layers open, but encrypted layers of other platforms were not checked"
             }
             ErrorKind::Interrupted => "interrupted by SIGINT (Ctrl-C); what the run wrote was removed",
             ErrorKind::Terminated => "terminated by SIGTERM; what the run wrote was removed",
