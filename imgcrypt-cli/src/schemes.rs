@@ -21,7 +21,7 @@ fn provider_error(e: ProviderError) -> CliError {
         _ => ErrorKind::Failure,
     };
     CliError::new(kind, e.to_string())
-        .hint("configure the provider in the JSON file named by OCICRYPT_KEYPROVIDER_CONFIG ({\"key-providers\": {\"NAME\": {\"cmd\": {\"path\": …}}}})")
+        .hint("configure the provider in the JSON file named by OCICRYPT_KEYPROVIDER_CONFIG ({\"key-providers\": {\"NAME\": {\"cmd\": {\"path\": …}}}} or {\"NAME\": {\"grpc\": \"127.0.0.1:PORT\"}})")
 }
 
 /// The built-in Key Protect provider name (`provider:keyprotect:<root-key-id>`).
@@ -125,7 +125,7 @@ pub fn wrappers(recipients: &[RecipientSpec]) -> Result<Vec<Arc<dyn AsyncKeyWrap
                 let cfg = provider_config(&spec)?;
                 let p = param.clone().unwrap_or_else(|| "Enabled".to_owned()).into_bytes();
                 let w = cfg.wrapper(name, vec![p]).map_err(provider_error)?;
-                out.push(Arc::new(w));
+                out.push(w.into_async());
             }
         }
     }
@@ -219,7 +219,7 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
                 if let Some(p) = param {
                     u = u.with_parameters(BTreeMap::from([(name.clone(), vec![p.into_bytes()])]));
                 }
-                out.push(Arc::new(u));
+                out.push(u.into_async());
             }
         }
     }

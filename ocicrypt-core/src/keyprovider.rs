@@ -23,8 +23,12 @@
 //! answered by `{"keywrapresults":{"annotation":"<b64>"}}` /
 //! `{"keyunwrapresults":{"optsdata":"<b64>"}}`. Byte fields are written as standard base64 (as
 //! Go writes `[]byte`) and accepted as base64 strings or arrays of numbers (as ocicrypt-rs
-//! writes them). gRPC, ttrpc and native providers are recognised but not supported: using one
-//! is a clear error.
+//! writes them).
+//!
+//! A `grpc` provider (crate feature `grpc`) gets the same JSON in the one `bytes` field of
+//! `keyprovider.KeyProviderService/WrapKey` or `UnWrapKey` and answers in the same way: see
+//! [`grpc`]. ttrpc and native providers (ocicrypt-rs) are recognised but not supported: using
+//! one is a clear error.
 //!
 //! The types of the protocol are public so a provider (the server side) can be written with
 //! them too ([`KeyProviderRequest`], [`KeyProviderResponse`]).
@@ -53,6 +57,9 @@ pub const OP_KEYWRAP: &str = "keywrap";
 pub const OP_KEYUNWRAP: &str = "keyunwrap";
 
 const MAX_STDOUT: usize = 16 << 20;
+
+#[cfg(feature = "grpc")]
+pub mod grpc;
 const MAX_STDERR: usize = 64 << 10;
 
 // ------------------------------------------------------------------------------------------
@@ -78,8 +85,8 @@ pub enum ProviderError {
         /// Names configured, comma-separated.
         configured: String,
     },
-    /// The provider uses a transport we do not implement.
-    #[error("key provider {name:?} uses {kind}, which imgcrypt does not support; configure it as a \"cmd\" provider")]
+    /// The provider uses a transport we do not implement (or this build lacks).
+    #[error("key provider {name:?} uses {kind}, which this build of imgcrypt does not support; configure it as a \"cmd\" or \"grpc\" provider")]
     Unsupported {
         /// The provider.
         name: String,
@@ -119,15 +126,47 @@ pub enum ProviderError {
         /// Its stderr (trimmed, truncated).
         stderr: String,
     },
-    /// The command's answer is not the protocol's JSON.
+    /// The provider's answer is not the protocol's JSON.
     #[error("key provider {name:?} ({path}) gave an invalid answer: {reason}")]
     BadAnswer {
         /// The provider.
         name: String,
-        /// The command.
+        /// The command, or the gRPC address.
         path: String,
         /// What is wrong.
         reason: String,
+    },
+    /// A gRPC provider could not be reached.
+    #[error("cannot reach key provider {name:?} at {addr} (gRPC): {reason}; is the provider running and listening there?")]
+    Connect {
+        /// The provider.
+        name: String,
+        /// Its address.
+        addr: String,
+        /// Why (the OS or HTTP/2 error).
+        reason: String,
+    },
+    /// A gRPC provider did not answer in time.
+    #[error("key provider {name:?} at {addr} (gRPC) did not answer within {secs} s")]
+    GrpcTimeout {
+        /// The provider.
+        name: String,
+        /// Its address.
+        addr: String,
+        /// The limit.
+        secs: u64,
+    },
+    /// A gRPC provider answered with an error status.
+    #[error("key provider {name:?} at {addr} (gRPC) failed: {code}: {message}")]
+    Status {
+        /// The provider.
+        name: String,
+        /// Its address.
+        addr: String,
+        /// The gRPC status code.
+        code: String,
+        /// Its message (sanitized, truncated).
+        message: String,
     },
 }
 
@@ -140,18 +179,41 @@ pub struct ProviderAttrs {
     /// A command provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<CommandSpec>,
-    /// A gRPC provider address (not supported).
+    /// A gRPC provider address: `HOST:PORT` (as Go's `grpc.Dial` takes it), `dns:///HOST:PORT`
+    /// or `unix:PATH`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<String>,
-    /// gRPC TLS settings (not supported).
+    /// gRPC TLS settings (Go ocicrypt since 2026; ocicrypt 1.1.x ignores them and dials in
+    /// plain text). Without them the connection is plain-text HTTP/2.
     #[serde(default, rename = "grpc-tls", skip_serializing_if = "Option::is_none")]
-    pub grpc_tls: Option<serde_json::Value>,
+    pub grpc_tls: Option<GrpcTls>,
     /// ttrpc address (ocicrypt-rs; not supported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttrpc: Option<String>,
     /// Native provider (ocicrypt-rs; not supported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub native: Option<String>,
+}
+
+/// `grpc-tls`: `{"root-ca-file", "cert-file", "key-file", "server-name", "insecure-skip-verify"}`
+/// (Go's `GrpcTLS`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct GrpcTls {
+    /// PEM CA certificates the server's certificate must chain to (default: the system roots).
+    #[serde(default, rename = "root-ca-file", skip_serializing_if = "Option::is_none")]
+    pub root_ca_file: Option<PathBuf>,
+    /// PEM client certificate (with `key-file`), for servers that require one.
+    #[serde(default, rename = "cert-file", skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM client key.
+    #[serde(default, rename = "key-file", skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the host of the address).
+    #[serde(default, rename = "server-name", skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Go's "accept any certificate": refused by imgcrypt (a clear error).
+    #[serde(default, rename = "insecure-skip-verify")]
+    pub insecure_skip_verify: bool,
 }
 
 /// `{"path": "...", "args": [...]}`.
@@ -199,6 +261,14 @@ impl KeyProviderConfig {
                     reason: format!("provider {name:?} has neither \"cmd\" nor \"grpc\""),
                 });
             }
+            if let Some(g) = &a.grpc {
+                if g.trim().is_empty() {
+                    return Err(ProviderError::Config {
+                        path: path.to_owned(),
+                        reason: format!("provider {name:?}: grpc address is empty (expected HOST:PORT)"),
+                    });
+                }
+            }
             if let Some(c) = &a.cmd {
                 if c.path.as_os_str().is_empty() {
                     return Err(ProviderError::Config {
@@ -235,11 +305,12 @@ impl KeyProviderConfig {
         }
     }
 
-    /// The command provider `name`.
+    /// The provider `name` (a `cmd` provider, or a `grpc` one with the `grpc` feature).
     ///
     /// # Errors
-    /// [`ProviderError::UnknownProvider`] or [`ProviderError::Unsupported`].
-    pub fn provider(&self, name: &str) -> Result<CommandProvider, ProviderError> {
+    /// [`ProviderError::UnknownProvider`], [`ProviderError::Unsupported`], or
+    /// [`ProviderError::Config`] for an unusable gRPC address or TLS setting.
+    pub fn provider(&self, name: &str) -> Result<Provider, ProviderError> {
         let a = self
             .key_providers
             .get(name)
@@ -252,12 +323,21 @@ impl KeyProviderConfig {
                 },
             })?;
         match a {
-            ProviderAttrs { cmd: Some(c), .. } => Ok(CommandProvider {
+            ProviderAttrs { cmd: Some(c), .. } => Ok(Provider::Command(CommandProvider {
                 name: name.to_owned(),
                 path: c.path.clone(),
                 args: c.args.clone(),
                 timeout: DEFAULT_TIMEOUT,
-            }),
+            })),
+            #[cfg(feature = "grpc")]
+            ProviderAttrs { grpc: Some(addr), .. } => {
+                let mut g = grpc::GrpcProvider::new(name, addr.trim());
+                if let Some(t) = &a.grpc_tls {
+                    g = g.with_tls(t.clone());
+                }
+                g.check().map(Provider::Grpc)
+            }
+            #[cfg(not(feature = "grpc"))]
             ProviderAttrs { grpc: Some(_), .. } => Err(unsupported(name, "grpc")),
             ProviderAttrs { ttrpc: Some(_), .. } => Err(unsupported(name, "ttrpc")),
             _ => Err(unsupported(name, "a native provider")),
@@ -280,7 +360,7 @@ impl KeyProviderConfig {
         Ok(KeyProviderUnwrapper::new(self.provider(name)?))
     }
 
-    /// Unwrappers for every command provider (what skopeo tries on decrypt); providers with an
+    /// Unwrappers for every provider (what skopeo tries on decrypt); providers with an
     /// unsupported transport are skipped with a warning.
     pub fn unwrappers(&self) -> Vec<KeyProviderUnwrapper> {
         self.key_providers
@@ -516,6 +596,110 @@ impl KeyProviderResponse {
 }
 
 // ------------------------------------------------------------------------------------------
+// Providers
+
+/// A configured provider: a command, or a gRPC server (feature `grpc`).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Provider {
+    /// `{"cmd": {"path", "args"}}`.
+    Command(CommandProvider),
+    /// `{"grpc": "HOST:PORT"}`.
+    #[cfg(feature = "grpc")]
+    Grpc(grpc::GrpcProvider),
+}
+
+impl Provider {
+    /// The provider name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Command(c) => &c.name,
+            #[cfg(feature = "grpc")]
+            Self::Grpc(g) => g.name(),
+        }
+    }
+
+    /// Runs a `keywrap` (a gRPC call is driven on a runtime of its own, on a scoped thread,
+    /// so this works inside and outside tokio; async callers use
+    /// [`KeyProviderWrapper::into_async`]).
+    ///
+    /// # Errors
+    /// [`ProviderError`].
+    pub fn keywrap(&self, params: &[Vec<u8>], optsdata: &[u8]) -> Result<Vec<u8>, ProviderError> {
+        match self {
+            Self::Command(c) => c.keywrap(params, optsdata),
+            #[cfg(feature = "grpc")]
+            Self::Grpc(g) => grpc::blocking(|| g.keywrap(params, optsdata)),
+        }
+    }
+
+    /// Runs a `keyunwrap` (as [`keywrap`](Self::keywrap)).
+    ///
+    /// # Errors
+    /// [`ProviderError`].
+    pub fn keyunwrap(
+        &self,
+        dc: &DecryptConfig,
+        annotation: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+        match self {
+            Self::Command(c) => c.keyunwrap(dc, annotation),
+            #[cfg(feature = "grpc")]
+            Self::Grpc(g) => grpc::blocking(|| g.keyunwrap(dc, annotation)),
+        }
+    }
+}
+
+impl From<CommandProvider> for Provider {
+    fn from(c: CommandProvider) -> Self {
+        Self::Command(c)
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl From<grpc::GrpcProvider> for Provider {
+    fn from(g: grpc::GrpcProvider) -> Self {
+        Self::Grpc(g)
+    }
+}
+
+/// The annotation of a `keywrap` answer.
+fn wrap_result(out: &[u8], bad: impl Fn(String) -> ProviderError) -> Result<Vec<u8>, ProviderError> {
+    let resp: KeyProviderResponse =
+        serde_json::from_slice(out).map_err(|e| bad(format!("not the protocol JSON: {}", json_error(&e))))?;
+    match resp.keywrapresults.and_then(|r| r.annotation) {
+        Some(a) if !a.0.is_empty() => Ok(a.0.clone()),
+        _ => Err(bad("keywrapresults.annotation is missing or empty".into())),
+    }
+}
+
+/// The private options of a `keyunwrap` answer.
+fn unwrap_result(
+    out: &[u8],
+    bad: impl Fn(String) -> ProviderError,
+) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+    let resp: KeyProviderResponse =
+        serde_json::from_slice(out).map_err(|e| bad(format!("not the protocol JSON: {}", json_error(&e))))?;
+    match resp.keyunwrapresults.and_then(|r| r.optsdata) {
+        Some(o) if !o.0.is_empty() => Ok(Zeroizing::new(o.0.clone())),
+        _ => Err(bad("keyunwrapresults.optsdata is missing or empty".into())),
+    }
+}
+
+/// A serde error without the input it may quote (a value of the wrong type can be key
+/// material): its category and position.
+fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "syntax error",
+        Category::Data => "unexpected value or type",
+        Category::Eof => "unexpected end of input",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+// ------------------------------------------------------------------------------------------
 // Running a command provider
 
 /// A `cmd` provider: runs `path args...` once per request.
@@ -650,21 +834,13 @@ impl CommandProvider {
         }
     }
 
-    fn call(&self, req: &KeyProviderRequest) -> Result<KeyProviderResponse, ProviderError> {
-        let out = self.run(&req.to_json())?;
-        serde_json::from_slice(&out).map_err(|e| self.bad(format!("not the protocol JSON: {e}")))
-    }
-
     /// Runs a `keywrap` and returns the annotation bytes.
     ///
     /// # Errors
     /// [`ProviderError`].
     pub fn keywrap(&self, params: &[Vec<u8>], optsdata: &[u8]) -> Result<Vec<u8>, ProviderError> {
-        let resp = self.call(&KeyProviderRequest::keywrap(&self.name, params, optsdata))?;
-        match resp.keywrapresults.and_then(|r| r.annotation) {
-            Some(a) if !a.0.is_empty() => Ok(a.0.clone()),
-            _ => Err(self.bad("keywrapresults.annotation is missing or empty".into())),
-        }
+        let out = self.run(&KeyProviderRequest::keywrap(&self.name, params, optsdata).to_json())?;
+        wrap_result(&out, |r| self.bad(r))
     }
 
     /// Runs a `keyunwrap` and returns the private options JSON.
@@ -676,18 +852,15 @@ impl CommandProvider {
         dc: &DecryptConfig,
         annotation: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
-        let resp = self.call(&KeyProviderRequest::keyunwrap(dc.clone(), annotation))?;
-        match resp.keyunwrapresults.and_then(|r| r.optsdata) {
-            Some(o) if !o.0.is_empty() => Ok(Zeroizing::new(o.0.clone())),
-            _ => Err(self.bad("keyunwrapresults.optsdata is missing or empty".into())),
-        }
+        let out = self.run(&KeyProviderRequest::keyunwrap(dc.clone(), annotation).to_json())?;
+        unwrap_result(&out, |r| self.bad(r))
     }
 }
 
 /// A [`KeyWrapper`] backed by a key provider: scheme `provider.<name>`.
 #[derive(Clone, Debug)]
 pub struct KeyProviderWrapper {
-    provider: CommandProvider,
+    provider: Provider,
     scheme: String,
     params: Vec<Vec<u8>>,
 }
@@ -695,9 +868,10 @@ pub struct KeyProviderWrapper {
 impl KeyProviderWrapper {
     /// Wraps with `provider`, passing `params` (the `<param>` of `provider:<name>:<param>`
     /// recipients) under the provider's name in `ec.Parameters`.
-    pub fn new(provider: CommandProvider, params: Vec<Vec<u8>>) -> Self {
+    pub fn new(provider: impl Into<Provider>, params: Vec<Vec<u8>>) -> Self {
+        let provider = provider.into();
         Self {
-            scheme: format!("provider.{}", provider.name),
+            scheme: format!("provider.{}", provider.name()),
             provider,
             params,
         }
@@ -712,7 +886,7 @@ impl KeyWrapper for KeyProviderWrapper {
         self.provider
             .keywrap(&self.params, optsdata)
             .map_err(|e| WrapError::Backend {
-                context: format!("key provider {} wrap", self.provider.name),
+                context: format!("key provider {} wrap", self.provider.name()),
                 source: Box::new(e),
             })
     }
@@ -721,16 +895,17 @@ impl KeyWrapper for KeyProviderWrapper {
 /// A [`KeyUnwrapper`] backed by a key provider: scheme `provider.<name>`.
 #[derive(Clone, Debug)]
 pub struct KeyProviderUnwrapper {
-    provider: CommandProvider,
+    provider: Provider,
     scheme: String,
     dc: DecryptConfig,
 }
 
 impl KeyProviderUnwrapper {
     /// Unwraps with `provider`, sending an empty `dc.Parameters`.
-    pub fn new(provider: CommandProvider) -> Self {
+    pub fn new(provider: impl Into<Provider>) -> Self {
+        let provider = provider.into();
         Self {
-            scheme: format!("provider.{}", provider.name),
+            scheme: format!("provider.{}", provider.name()),
             provider,
             dc: DecryptConfig::default(),
         }
@@ -755,7 +930,7 @@ impl KeyUnwrapper for KeyProviderUnwrapper {
         self.provider
             .keyunwrap(&self.dc, blob)
             .map_err(|e| UnwrapError::Backend {
-                context: format!("key provider {} unwrap", self.provider.name),
+                context: format!("key provider {} unwrap", self.provider.name()),
                 source: Box::new(e),
             })
     }
@@ -769,19 +944,27 @@ pub struct OnBlockingPool<T>(std::sync::Arc<T>);
 
 #[cfg(feature = "tokio")]
 impl KeyProviderWrapper {
-    /// This wrapper as an [`AsyncKeyWrapper`](crate::AsyncKeyWrapper) running on tokio's
-    /// blocking pool.
+    /// This wrapper as an [`AsyncKeyWrapper`](crate::AsyncKeyWrapper): a command provider runs
+    /// on tokio's blocking pool, a gRPC provider is called asynchronously (no `block_on`).
     pub fn into_async(self) -> std::sync::Arc<dyn crate::AsyncKeyWrapper> {
-        std::sync::Arc::new(OnBlockingPool(std::sync::Arc::new(self)))
+        match self.provider {
+            #[cfg(feature = "grpc")]
+            Provider::Grpc(g) => std::sync::Arc::new(grpc::GrpcWrapper::new(g, self.params)),
+            _ => std::sync::Arc::new(OnBlockingPool(std::sync::Arc::new(self))),
+        }
     }
 }
 
 #[cfg(feature = "tokio")]
 impl KeyProviderUnwrapper {
-    /// This unwrapper as an [`AsyncKeyUnwrapper`](crate::AsyncKeyUnwrapper) running on
-    /// tokio's blocking pool.
+    /// This unwrapper as an [`AsyncKeyUnwrapper`](crate::AsyncKeyUnwrapper): a command
+    /// provider runs on tokio's blocking pool, a gRPC provider is called asynchronously.
     pub fn into_async(self) -> std::sync::Arc<dyn crate::AsyncKeyUnwrapper> {
-        std::sync::Arc::new(OnBlockingPool(std::sync::Arc::new(self)))
+        match self.provider {
+            #[cfg(feature = "grpc")]
+            Provider::Grpc(g) => std::sync::Arc::new(grpc::GrpcUnwrapper::new(g, self.dc)),
+            _ => std::sync::Arc::new(OnBlockingPool(std::sync::Arc::new(self))),
+        }
     }
 }
 
@@ -812,7 +995,7 @@ impl crate::AsyncKeyWrapper for OnBlockingPool<KeyProviderWrapper> {
     ) -> crate::keywrap::BoxFuture<'a, Result<Vec<u8>, WrapError>> {
         let data = Zeroizing::new(optsdata.to_vec());
         let fut = on_pool(&self.0, move |w| KeyWrapper::wrap_keys(w, &data));
-        let name = self.0.provider.name.clone();
+        let name = self.0.provider.name().to_owned();
         Box::pin(async move {
             fut.await.unwrap_or_else(|| {
                 Err(WrapError::Backend {
@@ -835,7 +1018,7 @@ impl crate::AsyncKeyUnwrapper for OnBlockingPool<KeyProviderUnwrapper> {
     ) -> crate::keywrap::BoxFuture<'a, Result<Zeroizing<Vec<u8>>, UnwrapError>> {
         let blob = blob.to_vec();
         let fut = on_pool(&self.0, move |u| KeyUnwrapper::unwrap_key(u, &blob));
-        let name = self.0.provider.name.clone();
+        let name = self.0.provider.name().to_owned();
         Box::pin(async move {
             fut.await.unwrap_or_else(|| {
                 Err(UnwrapError::Backend {
@@ -890,11 +1073,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.provider("a").unwrap().name(), "a");
-        let e = c.provider("g").unwrap_err().to_string();
-        assert!(e.contains("grpc") && e.contains("not support"), "{e}");
+        #[cfg(not(feature = "grpc"))]
+        {
+            let e = c.provider("g").unwrap_err().to_string();
+            assert!(e.contains("grpc") && e.contains("not support"), "{e}");
+            assert_eq!(c.unwrappers().len(), 1);
+        }
+        #[cfg(feature = "grpc")]
+        {
+            assert_eq!(c.provider("g").unwrap().name(), "g");
+            assert_eq!(c.unwrappers().len(), 2);
+        }
         let e = c.provider("zz").unwrap_err().to_string();
         assert!(e.contains("a, g"), "{e}");
-        assert_eq!(c.unwrappers().len(), 1);
+        assert!(KeyProviderConfig::from_json(br#"{"key-providers":{"x":{"grpc":" "}}}"#).is_err());
         assert!(KeyProviderConfig::from_json(br#"{"key-providers":{"x":{}}}"#).is_err());
         assert!(KeyProviderConfig::from_json(br#"{"key-providers":{"x":{"cmd":{"path":""}}}}"#).is_err());
         assert!(KeyProviderConfig::from_json(b"[").is_err());

@@ -1343,7 +1343,16 @@ pub fn run<R: Read, W: Write + Send>(
         .decrypt(input, output)
 }
 
-/// Unwrappers for every command key provider of the configuration file `path` (the file
+/// A provider unwrapper, asynchronous where the crate can be (gRPC calls then need no runtime
+/// of their own, commands run on the blocking pool).
+fn provider_unwrapper(u: crate::keyprovider::KeyProviderUnwrapper) -> Arc<dyn AsyncKeyUnwrapper> {
+    #[cfg(feature = "tokio")]
+    return u.into_async();
+    #[cfg(not(feature = "tokio"))]
+    return Arc::new(u);
+}
+
+/// Unwrappers for every key provider (command or gRPC) of the configuration file `path` (the file
 /// named by [`KEYPROVIDER_CONFIG_ENV`]), sent the pull's decrypt parameters as Go does. None
 /// when `path` is `None` or names a file that does not exist (Go ocicrypt's rule, which
 /// containerd's documented configuration relies on).
@@ -1364,7 +1373,7 @@ pub fn key_provider_unwrappers(
     Ok(cfg
         .unwrappers()
         .into_iter()
-        .map(|u| Arc::new(u.with_parameters(config.parameters.clone())) as Arc<dyn AsyncKeyUnwrapper>)
+        .map(|u| provider_unwrapper(u.with_parameters(config.parameters.clone())))
         .collect())
 }
 

@@ -89,7 +89,7 @@ async fn provider_from_env_config_unwraps_a_layer_through_the_core() {
                 capture.display().to_string(),
                 data("go-keyunwrap-response.json").display().to_string(),
             ]}},
-            "remote": {"grpc": "localhost:50051"}
+            "remote": {"ttrpc": "unix:///run/kp.sock"}
         }
     });
     let cfg_path = dir.path().join("ocicrypt-keyprovider.json");
@@ -102,13 +102,13 @@ async fn provider_from_env_config_unwraps_a_layer_through_the_core() {
     std::env::remove_var(ENV_CONFIG);
 
     let e = cfg.unwrapper("remote").unwrap_err().to_string();
-    assert!(e.contains("grpc") && e.contains("not support"), "{e}");
+    assert!(e.contains("ttrpc") && e.contains("not support"), "{e}");
     let unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>> = cfg
         .unwrappers()
         .into_iter()
         .map(|u| Arc::new(u) as Arc<dyn AsyncKeyUnwrapper>)
         .collect();
-    assert_eq!(unwrappers.len(), 1, "the gRPC provider is skipped");
+    assert_eq!(unwrappers.len(), 1, "the ttrpc provider is skipped");
 
     let mut ann = BTreeMap::new();
     append_entry(&mut ann, "provider.kpsample", &sample("blob.json"));

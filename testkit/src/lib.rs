@@ -4,6 +4,7 @@
 #![allow(missing_docs)]
 
 pub mod containerd;
+pub mod grpc;
 pub mod image;
 pub mod kube;
 pub mod registry;
