@@ -7,13 +7,17 @@
 //! {"key-providers":{"keyprotect":{"cmd":{"path":"/usr/local/bin/keyprotect-keyprovider","args":[]}}}}
 //! ```
 //!
-//! and encrypt with `--encryption-key provider:keyprotect:<root-key-id>`. The annotation it
+//! and encrypt with `--encryption-key provider:keyprotect:<root-key-id>`. Over gRPC
+//! (`keyprotect-keyprovider --grpc 127.0.0.1:50051`, [`serve_grpc`]) the entry is
+//! `{"keyprotect": {"grpc": "127.0.0.1:50051"}}`. The annotation it
 //! produces is the same `{"kp_url","instance_id","root_key_id","ciphertext"}` JSON as
 //! [`KeyProtectWrapper`](crate::KeyProtectWrapper), so images are interchangeable between the
 //! provider and imgcrypt's built-in `provider:keyprotect` recipients (when the provider is
 //! registered under the name `keyprotect`).
 
+use ocicrypt_core::keyprovider::grpc_server;
 use ocicrypt_core::keyprovider::{KeyProviderRequest, KeyProviderResponse, OP_KEYUNWRAP, OP_KEYWRAP};
+use ocicrypt_core::keywrap::error_chain;
 use ocicrypt_core::redact::token;
 use ocicrypt_core::{AsyncKeyUnwrapper, AsyncKeyWrapper};
 use zeroize::Zeroizing;
@@ -137,4 +141,65 @@ pub async fn serve_request(
             token(other)
         ))),
     }
+}
+
+/// Key Protect as a gRPC key-provider handler (`keyprotect-keyprovider --grpc`): each request
+/// is served as [`serve_request`] serves stdin; a bad request is `INVALID_ARGUMENT`, a failed
+/// wrap or unwrap `FAILED_PRECONDITION` with the (redacted) reason.
+#[derive(Clone, Debug)]
+pub struct GrpcHandler {
+    client: Client,
+    opts: ProviderOptions,
+}
+
+impl GrpcHandler {
+    /// A handler for `client` configured by `opts`.
+    pub fn new(client: Client, opts: ProviderOptions) -> Self {
+        Self { client, opts }
+    }
+}
+
+impl grpc_server::Handler for GrpcHandler {
+    fn handle(
+        &self,
+        _method: grpc_server::Method,
+        input: Zeroizing<Vec<u8>>,
+    ) -> ocicrypt_core::keywrap::BoxFuture<'static, Result<Zeroizing<Vec<u8>>, tonic::Status>> {
+        let me = self.clone();
+        Box::pin(async move {
+            serve_request(&me.client, &me.opts, &input)
+                .await
+                .map_err(|e| match e {
+                    ProviderServeError::BadRequest(m) => tonic::Status::invalid_argument(m),
+                    e => {
+                        tracing::warn!("keyprovider request failed: {}", error_chain(&e));
+                        tonic::Status::failed_precondition(error_chain(&e))
+                    }
+                })
+        })
+    }
+}
+
+/// Serves Key Protect over gRPC on `listener` until SIGTERM or SIGINT, then finishes the calls
+/// in flight.
+///
+/// # Errors
+/// The transport's error, or a signal handler that cannot be installed.
+pub async fn serve_grpc(
+    client: Client,
+    opts: ProviderOptions,
+    listener: grpc_server::Listener,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: finishing calls in flight");
+    };
+    grpc_server::serve(listener, GrpcHandler::new(client, opts), shutdown).await?;
+    Ok(())
 }

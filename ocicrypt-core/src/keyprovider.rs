@@ -60,6 +60,8 @@ const MAX_STDOUT: usize = 16 << 20;
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "grpc-server")]
+pub mod grpc_server;
 const MAX_STDERR: usize = 64 << 10;
 
 // ------------------------------------------------------------------------------------------
