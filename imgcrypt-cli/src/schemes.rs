@@ -230,6 +230,16 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
             c
         })?;
         for skipped in d.ignored.iter().chain(d.skipped.iter()) {
+            // PKCS#11 key YAMLs (keys on a token), as the runtimes take them (regular files
+            // only: `ignored`, never a skipped symbolic link).
+            #[cfg(feature = "pkcs11")]
+            if !d.skipped.contains(skipped) {
+                if let Ok(Some(key)) = pkcs11::key_file(&skipped.path, None) {
+                    ctx.key_sources.push(skipped.path.display().to_string());
+                    p11_keys.push(key);
+                    continue;
+                }
+            }
             // gpg secret keyrings (binary, as runtimes read them, or armored) are keys too.
             if let Ok(Some(keys)) = pgp_secret_keys(&skipped.path, None) {
                 ctx.key_sources.push(skipped.path.display().to_string());

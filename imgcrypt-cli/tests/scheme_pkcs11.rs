@@ -157,6 +157,23 @@ fn pkcs11_tool_decrypts_our_blobs_and_we_decrypt_with_its_key() {
         .ok();
         assert_eq!(layer_blobs(&dec, "v1"), layer_blobs(src, "v1"));
     }
+    // A key directory holding the key YAML (as a runtime's key directory would).
+    let keydir = d.join("keydir");
+    std::fs::create_dir(&keydir).unwrap();
+    std::fs::copy(d.join("key.yaml"), keydir.join("key.yaml")).unwrap();
+    let dec = d.join("dec-keydir");
+    imgcrypt_env(
+        &[
+            "decrypt",
+            "--key-dir",
+            &s(&keydir),
+            &oci(&soft, "v1"),
+            &oci(&dec, "v1"),
+        ],
+        &env,
+    )
+    .ok();
+    assert_eq!(layer_blobs(&dec, "v1"), layer_blobs(src, "v1"));
     // The PIN from --key FILE:PIN (URI without one), and from a pin-source file.
     hsm.key_yaml(&d.join("nopin.yaml"), "01", "k1", "module-name=softhsm2");
     let dec = d.join("dec-pin-arg");
@@ -409,4 +426,81 @@ fn debian_skopeo_has_no_pkcs11() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// The containerd decoder: a key YAML in `--decryption-keys-path` (with the policy from the
+/// `pkcs11-config` parameter, as ctr-enc sends it), or in the `pkcs11-yamls` parameter; the
+/// decrypted layer is the source layer. Without a policy no module is loaded.
+#[test]
+fn decoder_takes_key_yamls_from_the_directory_and_the_payload() {
+    use ocicrypt_core::stream_processor::{run, DecoderOptions, Descriptor, OutputMode, Payload};
+    let Some(x) = setup() else {
+        return;
+    };
+    let (d, src) = (&x.d, &x.src);
+    let enc = d.join("enc");
+    imgcrypt_env(
+        &[
+            "encrypt",
+            "--recipient",
+            &format!("pkcs11:{}", s(&d.join("pub.pem"))),
+            &oci(src, "v1"),
+            &oci(&enc, "v1"),
+        ],
+        &[("OCICRYPT_OAEP_HASHALG", "sha1")],
+    )
+    .ok();
+    let m = testkit::image::manifest(&enc, "v1");
+    let layer = &m["layers"][0];
+    let blob = testkit::image::read_blob(&enc, layer["digest"].as_str().unwrap());
+    let descriptor: Descriptor = serde_json::from_value(layer.clone()).unwrap();
+    let want = layer_blobs(src, "v1")[0].clone();
+    let yaml = std::fs::read(d.join("key.yaml")).unwrap();
+    let policy = std::fs::read(&x.conf).unwrap();
+    // The bare policy YAML, as Go marshals Pkcs11Config into pkcs11-config.
+    let policy = ocicrypt_core::pkcs11::Pkcs11Config::from_config_file_bytes(&policy, "conf")
+        .unwrap()
+        .to_yaml()
+        .into_bytes();
+    let keys = d.join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::write(keys.join("key.yaml"), &yaml).unwrap();
+    let decode = |params: Vec<(&str, Vec<u8>)>, keys_path: Option<&Path>| {
+        let mut payload = Payload {
+            descriptor: descriptor.clone(),
+            ..Payload::default()
+        };
+        for (k, v) in params {
+            payload.decrypt_config.parameters.insert(k.into(), vec![v]);
+        }
+        let opts = DecoderOptions {
+            keys_path: keys_path.map(Path::to_owned),
+            output: OutputMode::Spool { dir: d.to_owned() },
+        };
+        let mut out = Vec::new();
+        let r = run(
+            &opts,
+            Some(&descriptor.media_type),
+            &payload.to_any_bytes(),
+            Vec::new(),
+            &blob[..],
+            &mut out,
+        );
+        (out, r)
+    };
+    let (out, r) = decode(vec![("pkcs11-config", policy.clone())], Some(&keys));
+    r.unwrap();
+    assert_eq!(testkit::image::sha256(&out), want);
+    let (out, r) = decode(vec![("pkcs11-config", policy), ("pkcs11-yamls", yaml)], None);
+    r.unwrap();
+    assert_eq!(testkit::image::sha256(&out), want);
+    // An empty policy: the module is refused, the error says so, nothing is released.
+    let (out, r) = decode(
+        vec![("pkcs11-config", b"module-directories: []\n".to_vec())],
+        Some(&keys),
+    );
+    let e = r.unwrap_err().one_line();
+    assert!(e.contains("not found") || e.contains("not allowed"), "{e}");
+    assert!(!e.contains("1234"), "{e}");
+    assert!(out.is_empty());
 }

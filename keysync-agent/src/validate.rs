@@ -77,9 +77,37 @@ pub fn validate_key(bytes: &[u8], source_name: &str) -> Result<Accepted, Rejecti
             found: kind.describe(),
         }),
         KeyFileKind::EncryptedPrivateKey => Err(Rejection::Encrypted),
+        // A key on a token: the runtime loads it if it parses (it names the module, token and
+        // key; whether the node has them is the runtime's to find out, no module is loaded
+        // here).
+        KeyFileKind::Pkcs11Yaml => Ok(Accepted {
+            description: kind.describe(),
+        }),
         KeyFileKind::Unknown { found } => Err(Rejection::NotAKey { found }),
         other => Err(Rejection::NotPrivate {
             found: other.describe(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod pkcs11_tests {
+    use super::*;
+
+    #[test]
+    fn a_pkcs11_key_yaml_is_a_key_the_runtime_loads() {
+        let yaml = b"pkcs11:\n  uri: pkcs11:token=t;id=%01;object=k?pin-value=1234&module-name=softhsm2\nmodule:\n  env:\n    SOFTHSM2_CONF: /etc/softhsm2.conf\n";
+        let a = validate_key(yaml, "k.yaml").unwrap();
+        assert!(a.description.contains("PKCS#11"), "{a:?}");
+        // A URI Go cannot parse makes the runtime fail ("Unknown decryption key type").
+        let bad = b"pkcs11:\n  uri: pkcs11:token=t;token=u\n";
+        assert!(matches!(
+            validate_key(bad, "k.yaml"),
+            Err(Rejection::NotAKey { .. })
+        ));
+        assert!(matches!(
+            validate_key(b"other:\n  uri: pkcs11:token=t\n", "k.yaml"),
+            Err(Rejection::NotAKey { .. })
+        ));
     }
 }

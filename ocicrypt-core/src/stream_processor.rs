@@ -723,6 +723,11 @@ pub struct DecoderOptions {
 pub struct KeySet {
     /// Private keys (JWE scheme).
     pub keys: Vec<PrivateKey>,
+    /// PKCS#11 key files (`pkcs11-yamls` and YAMLs in the key directory).
+    pub pkcs11: Vec<crate::pkcs11::Pkcs11KeyFile>,
+    /// The module policy: the `pkcs11-config` parameter, else the user's `ocicrypt.conf` (as
+    /// Go's `SortDecryptionKeys`), else none (no module may be loaded).
+    pub pkcs11_config: crate::pkcs11::Pkcs11Config,
     /// What was looked at, for error messages: "the key directory /x (2 keys)", …
     pub looked_in: Vec<String>,
 }
@@ -751,11 +756,13 @@ impl KeySet {
             1 => "the pull request carried 1 key".to_owned(),
             n => format!("the pull request carried {n} keys"),
         });
+        set.gather_pkcs11(config);
         if let Some(dir) = keys_path {
             match read_key_dir(dir) {
                 Ok(kd) => {
                     let n = kd.keys.len();
-                    let others = kd.ignored.len();
+                    let yamls = set.pkcs11_from_dir(&kd);
+                    let others = kd.ignored.len() - yamls;
                     set.keys.extend(kd.into_private_keys());
                     set.looked_in.push(format!(
                         "the key directory {} holds {}{}",
@@ -783,6 +790,46 @@ impl KeySet {
                 .push("no key directory was given (--decryption-keys-path)".to_owned());
         }
         Ok(set)
+    }
+
+    /// The `pkcs11-yamls` and `pkcs11-config` parameters. A YAML that does not parse is
+    /// skipped (as Go does at unwrap time); the policy defaults to the user's ocicrypt.conf.
+    fn gather_pkcs11(&mut self, config: &DecryptConfig) {
+        for (i, y) in config
+            .parameters
+            .get("pkcs11-yamls")
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if let Ok(k) = crate::pkcs11::Pkcs11KeyFile::from_bytes(y, &format!("pkcs11-yamls[{i}]")) {
+                self.pkcs11.push(k);
+            }
+        }
+        self.pkcs11_config = match config.parameters.get("pkcs11-config").and_then(|v| v.first()) {
+            Some(y) => crate::pkcs11::Pkcs11Config::from_yaml(y, "pkcs11-config").unwrap_or_default(),
+            None => crate::pkcs11::Pkcs11Config::from_env()
+                .map(|(c, _)| c)
+                .unwrap_or_default(),
+        };
+    }
+
+    /// Takes the PKCS#11 key YAMLs of a key directory; returns how many.
+    fn pkcs11_from_dir(&mut self, kd: &crate::keys::KeyDir) -> usize {
+        let before = self.pkcs11.len();
+        for f in &kd.ignored {
+            let Ok(bytes) = crate::fsutil::read_regular(&f.path, crate::keys::MAX_KEY_FILE_SIZE) else {
+                continue;
+            };
+            let bytes = Zeroizing::new(bytes);
+            if crate::pkcs11::Pkcs11KeyFile::is_key_file(&bytes) {
+                if let Ok(k) = crate::pkcs11::Pkcs11KeyFile::from_bytes(&bytes, &f.path.display().to_string())
+                {
+                    self.pkcs11.push(k);
+                }
+            }
+        }
+        self.pkcs11.len() - before
     }
 }
 
@@ -908,6 +955,12 @@ impl Decoder {
             .keys
             .iter()
             .map(|k| k.source_name().to_owned())
+            .chain(
+                self.keys
+                    .pkcs11
+                    .iter()
+                    .map(crate::pkcs11::Pkcs11KeyFile::describe),
+            )
             .collect();
         let key_count = tried.len();
         let mut unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
@@ -918,6 +971,13 @@ impl Decoder {
             unwrappers.push(Arc::new(
                 JweUnwrapper::new(self.keys.keys).with_recipient_budget(crate::jwe::MAX_RECIPIENTS),
             ));
+        }
+        #[cfg(feature = "pkcs11")]
+        if !self.keys.pkcs11.is_empty() {
+            unwrappers.push(Arc::new(crate::pkcs11::Pkcs11Unwrapper::new(
+                self.keys.pkcs11,
+                self.keys.pkcs11_config,
+            )));
         }
         unwrappers.extend(self.extra);
         let unwrapped = futures::executor::block_on(crate::keywrap::unwrap_options(annotations, &unwrappers));

@@ -127,33 +127,10 @@ fn is_certificate(bytes: &[u8]) -> bool {
     }
 }
 
-/// The shape of an ocicrypt PKCS#11 key file: a top-level `pkcs11:` map with a `uri:` that
-/// is a `pkcs11:` URI.
+/// An ocicrypt PKCS#11 key file, as Go checks it: YAML with a `pkcs11: uri:` that parses as
+/// a `pkcs11:` URI.
 fn is_pkcs11_yaml(bytes: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return false;
-    };
-    let mut in_pkcs11 = false;
-    for line in text.lines() {
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() || trimmed.trim_start().starts_with('#') {
-            continue;
-        }
-        let indented = line.starts_with(' ') || line.starts_with('\t');
-        if !indented {
-            in_pkcs11 = trimmed == "pkcs11:";
-            continue;
-        }
-        if in_pkcs11 {
-            if let Some(v) = trimmed.trim_start().strip_prefix("uri:") {
-                let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
-                if v.starts_with("pkcs11:") {
-                    return true;
-                }
-            }
-        }
-    }
-    false
+    crate::pkcs11::Pkcs11KeyFile::is_key_file(bytes)
 }
 
 /// A minimal check that the first OpenPGP packet has a sane length and a known key version.
