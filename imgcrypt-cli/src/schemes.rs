@@ -229,6 +229,17 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
             c.message = format!("--key-dir {}: {}", dir.display(), c.message);
             c
         })?;
+        // gpg secret keyrings (binary, as runtimes read them, or armored) are keys too.
+        for ring in &d.gpg_keyrings {
+            let name = ring.path.display().to_string();
+            match PgpSecretKey::from_bytes_many(&ring.bytes, None, &name) {
+                Ok(keys) => {
+                    ctx.key_sources.push(name);
+                    pgp_keys.extend(keys);
+                }
+                Err(e) => eprintln!("note: --key-dir {}: skipped {e}", dir.display()),
+            }
+        }
         for skipped in d.ignored.iter().chain(d.skipped.iter()) {
             // PKCS#11 key YAMLs (keys on a token), as the runtimes take them (regular files
             // only: `ignored`, never a skipped symbolic link).
@@ -240,12 +251,6 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
                     continue;
                 }
             }
-            // gpg secret keyrings (binary, as runtimes read them, or armored) are keys too.
-            if let Ok(Some(keys)) = pgp_secret_keys(&skipped.path, None) {
-                ctx.key_sources.push(skipped.path.display().to_string());
-                pgp_keys.extend(keys);
-                continue;
-            }
             eprintln!(
                 "note: --key-dir {}: skipped {}: {}",
                 dir.display(),
@@ -253,7 +258,7 @@ pub fn unwrappers(keys: Keys) -> Result<(Vec<Arc<dyn AsyncKeyUnwrapper>>, KeyCon
                 skipped.reason
             );
         }
-        if d.keys.is_empty() {
+        if d.keys.is_empty() && d.gpg_keyrings.is_empty() {
             ctx.key_sources
                 .push(format!("{} (no usable private key in it)", dir.display()));
         }

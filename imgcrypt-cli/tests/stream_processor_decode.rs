@@ -329,6 +329,125 @@ fn key_dir_with_a_bad_file_fails_like_the_runtime() {
     assert!(msg.contains("link.pem") && msg.contains("symbolic link"), "{msg}");
 }
 
+/// The armored test key of the vectors as the binary keyring Go reads (`gpg --dearmor`).
+fn pgp_binary_secret() -> Vec<u8> {
+    ocicrypt_core::pgp::secret_keyring_binary(&read(&vector_key("pgp-secret.asc")), "pgp-secret.asc")
+        .unwrap()
+        .to_vec()
+}
+
+/// Issue 11 item 5: skopeo-made pkcs7 and pgp layers, keys from the directory (as CRI-O reads
+/// it) or from the payload's DecryptConfig (`privkeys` + `x509s`, `gpg-privatekeys` +
+/// `gpg-privatekeys-passwords`, as ctr-enc sends them).
+#[test]
+fn go_made_pkcs7_and_pgp_layers_decrypt_with_keys_from_the_directory_or_the_payload() {
+    let scratch = tempfile::tempdir().unwrap();
+    let source = vector_source_blob();
+    let opts = |dir: Option<&std::path::Path>| options(dir, spool(scratch.path()));
+
+    // PKCS#7: the private key alone in the directory (Go would need the certificate too).
+    let (p7, p7_blob) = vector_layer("enc-p7");
+    let dir = key_dir(&[("p7/cert.key.pem", read(&vector_key("cert.key.pem")))]);
+    let (out, r) = decode(&p7, &opts(Some(dir.path())), &p7_blob);
+    r.unwrap();
+    assert!(out == source);
+    // ... or in the payload, with the certificate in x509s as ctr-enc sends it.
+    let mut with_keys = vector_layer("enc-p7").0;
+    let params = &mut with_keys.decrypt_config.parameters;
+    params.insert("privkeys".into(), vec![read(&vector_key("cert.key.pem"))]);
+    params.insert("privkeys-passwords".into(), vec![Vec::new()]);
+    params.insert("x509s".into(), vec![read(&vector_key("cert.pem"))]);
+    let (out, r) = decode(&with_keys, &opts(None), &p7_blob);
+    r.unwrap();
+    assert!(out == source);
+    // A certificate alone is no key; a garbled one is named, not quoted.
+    with_keys.decrypt_config.parameters.remove("privkeys");
+    let (out, r) = decode(&with_keys, &opts(None), &p7_blob);
+    assert!(out.is_empty());
+    let msg = r.unwrap_err().one_line();
+    assert!(
+        msg.contains("no private key to decrypt") && msg.contains("pkcs7"),
+        "{msg}"
+    );
+    with_keys.decrypt_config.parameters.insert(
+        "x509s".into(),
+        vec![
+            b"-----BEGIN CERTIFICATE-----\nQUJDREVGR0hJSktMTU5PUFFSU1RVVldY\n-----END CERTIFICATE-----\n"
+                .to_vec(),
+        ],
+    );
+    let (_, r) = decode(&with_keys, &opts(None), &p7_blob);
+    let e = r.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DecoderError::PayloadParameter {
+                param: "x509s",
+                index: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!e.one_line().contains("QUJDREVG"), "{}", e.one_line());
+
+    // PGP: binary (what Go reads) and armored (our extra) keyrings in the directory.
+    let (pgp, pgp_blob) = vector_layer("enc-pgp");
+    for (name, bytes) in [
+        ("secring.gpg", pgp_binary_secret()),
+        ("secret.asc", read(&vector_key("pgp-secret.asc"))),
+    ] {
+        let dir = key_dir(&[("rsa.pem", read(&vector_key("rsa.pem"))), (name, bytes)]);
+        let (out, r) = decode(&pgp, &opts(Some(dir.path())), &pgp_blob);
+        r.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(out == source, "{name}");
+    }
+    // ... and in the payload, with an empty password entry.
+    let mut with_gpg = vector_layer("enc-pgp").0;
+    let params = &mut with_gpg.decrypt_config.parameters;
+    params.insert("gpg-privatekeys".into(), vec![pgp_binary_secret()]);
+    params.insert("gpg-privatekeys-passwords".into(), vec![Vec::new()]);
+    let (out, r) = decode(&with_gpg, &opts(None), &pgp_blob);
+    r.unwrap();
+    assert!(out == source);
+    // Garbage in gpg-privatekeys is named, not quoted.
+    with_gpg.decrypt_config.parameters.insert(
+        "gpg-privatekeys".into(),
+        vec![b"\x95\x01\x0bSECRETSECRETSECRET".to_vec()],
+    );
+    let (out, r) = decode(&with_gpg, &opts(None), &pgp_blob);
+    assert!(out.is_empty());
+    let e = r.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DecoderError::PayloadParameter {
+                param: "gpg-privatekeys",
+                index: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!e.one_line().contains("SECRET"), "{}", e.one_line());
+    // A damaged keyring in the directory fails like any file the runtime cannot use.
+    let mut cut = pgp_binary_secret();
+    cut.truncate(cut.len() / 2);
+    let dir = key_dir(&[("secring.gpg", cut)]);
+    let (_, r) = decode(&pgp, &opts(Some(dir.path())), &pgp_blob);
+    let e = r.unwrap_err();
+    assert!(matches!(e, DecoderError::KeyDir { .. }), "{e}");
+    assert!(e.one_line().contains("secring.gpg"), "{}", e.one_line());
+    // Keys of other schemes only: the pgp layer says it has no key, and where keys were sought.
+    let dir = key_dir(&[("rsa.pem", read(&vector_key("rsa.pem")))]);
+    let (_, r) = decode(&pgp, &opts(Some(dir.path())), &pgp_blob);
+    let msg = r.unwrap_err().one_line();
+    assert!(
+        msg.contains("no private key to decrypt") && msg.contains("pgp"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn unwritable_spool_dir_is_a_clear_error() {
     let (payload, blob) = vector_layer("enc-jwe");
@@ -425,6 +544,15 @@ fn process_contract_fd3_payload_stdin_stdout() {
     assert!(!status.success());
     assert!(out.is_empty());
     assert!(decoder_line(&err).contains("failed verification"), "{err}");
+
+    // A pgp layer with the keyring in the payload's gpg-privatekeys (base64 in the fd-3 JSON).
+    let (mut pgp, pgp_blob) = vector_layer("enc-pgp");
+    pgp.decrypt_config
+        .parameters
+        .insert("gpg-privatekeys".into(), vec![pgp_binary_secret()]);
+    let (status, out, err) = run_child(&["--spool-dir", sp], Some(&pgp), GZIP_ENC, &pgp_blob);
+    assert!(status.success(), "{err}");
+    assert!(out == vector_source_blob());
 
     // Bad flag.
     let (status, _, err) = run_child(&["--bogus"], Some(&payload), GZIP_ENC, &blob);

@@ -68,7 +68,8 @@ mod thumbprint;
 
 #[cfg(feature = "jwe")]
 pub use dir::{
-    classify_key_file, read_key_dir, read_key_dir_lenient, KeyDir, KeyDirEntry, KeyFileKind, SkippedKeyFile,
+    classify_key_file, read_key_dir, read_key_dir_lenient, KeyDir, KeyDirEntry, KeyDirFile, KeyFileKind,
+    SkippedKeyFile,
 };
 #[cfg(feature = "jwe")]
 pub use generate::{generate_ec, generate_rsa};

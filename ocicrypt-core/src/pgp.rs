@@ -423,6 +423,47 @@ impl PgpSecretKey {
     pub fn key_id(&self) -> String {
         hex::encode(self.key.primary_key.key_id())
     }
+
+    /// Whether the primary key or a secret subkey is protected by a passphrase (S2K): it can
+    /// only be used with its password, which a container runtime never has.
+    pub fn is_protected(&self) -> bool {
+        self.key.primary_key.secret_params().is_encrypted()
+            || self
+                .key
+                .secret_subkeys
+                .iter()
+                .any(|s| s.key.secret_params().is_encrypted())
+    }
+
+    /// The key as a binary transferable secret key (what `gpg --export-secret-keys` writes
+    /// without `--armor`, and the only form Go ocicrypt reads).
+    ///
+    /// # Errors
+    /// [`KeyError::Crypto`] if rPGP cannot serialize it.
+    pub fn to_binary(&self) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        use pgp::ser::Serialize as _;
+        self.key
+            .to_bytes()
+            .map(Zeroizing::new)
+            .map_err(|e| KeyError::Crypto {
+                context: format!("{}: writing the OpenPGP secret key", self.source_name),
+                reason: crate::redact::token(&e.to_string()).into_owned(),
+            })
+    }
+}
+
+/// A secret keyring (binary or armored) as one binary keyring, every key in it re-serialized:
+/// what a Go runtime reads from a key directory. Armored input is converted; binary input is
+/// normalized the same way.
+///
+/// # Errors
+/// As [`PgpSecretKey::from_bytes_many`] and [`PgpSecretKey::to_binary`].
+pub fn secret_keyring_binary(bytes: &[u8], source_name: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let mut out = Zeroizing::new(Vec::new());
+    for k in PgpSecretKey::from_bytes_many(bytes, None, source_name)? {
+        out.extend_from_slice(&k.to_binary()?);
+    }
+    Ok(out)
 }
 
 /// Whether the bytes look like an OpenPGP key file (binary packet or armor): a cheap test

@@ -62,9 +62,12 @@ use crate::cipher::{ExpectedMac, LayerKey, Nonce};
 use crate::jwe::JweUnwrapper;
 use crate::keyprovider::KeyProviderConfig;
 use crate::keys::{read_key_dir, KeyError, PrivateKey};
-use crate::keywrap::{schemes_present, AsyncKeyUnwrapper, Attempt};
+use crate::keywrap::{schemes_present, AsyncKeyUnwrapper, Attempt, KeyUnwrapper, UnwrapError};
 use crate::mediatype::{is_encrypted, KEYS_ANNOTATION_PREFIX, PUBOPTS_ANNOTATION};
 use crate::options::{decode_b64, encode_b64};
+#[cfg(feature = "pgp")]
+use crate::pgp::{PgpSecretKey, PgpUnwrapper};
+use crate::pkcs7::{Certificate, Pkcs7Unwrapper};
 use crate::Error;
 
 /// The `type_url` of the payload imgcrypt registers (`typeurl.Register(&Payload{}, …)`).
@@ -191,6 +194,18 @@ pub enum DecoderError {
     #[error("decryption key privkeys[{index}] of the pull request: {source}")]
     PayloadKey {
         /// Index in `privkeys`.
+        index: usize,
+        /// Why.
+        #[source]
+        source: KeyError,
+    },
+    /// A key or certificate passed in another parameter of the payload (`x509s`,
+    /// `gpg-privatekeys`) is unusable.
+    #[error("{param}[{index}] of the pull request: {source}")]
+    PayloadParameter {
+        /// The parameter (`x509s`, `gpg-privatekeys`).
+        param: &'static str,
+        /// Index in it.
         index: usize,
         /// Why.
         #[source]
@@ -721,41 +736,95 @@ pub struct DecoderOptions {
 /// The keys gathered for one layer, with where they came from.
 #[derive(Debug, Default)]
 pub struct KeySet {
-    /// Private keys (JWE scheme).
+    /// Private keys (JWE scheme, and PKCS#7 for RSA keys).
     pub keys: Vec<PrivateKey>,
     /// PKCS#11 key files (`pkcs11-yamls` and YAMLs in the key directory).
     pub pkcs11: Vec<crate::pkcs11::Pkcs11KeyFile>,
     /// The module policy: the `pkcs11-config` parameter, else the user's `ocicrypt.conf` (as
     /// Go's `SortDecryptionKeys`), else none (no module may be loaded).
     pub pkcs11_config: crate::pkcs11::Pkcs11Config,
+    /// Certificates (`x509s`): not needed for PKCS#7 (the private key alone opens a layer), but
+    /// accepted as Go's `ctr-enc` sends them, and used to try the matching RecipientInfo first.
+    pub certificates: Vec<Certificate>,
+    /// OpenPGP secret keys (`gpg-privatekeys`, and GPG secret keyrings in the key directory).
+    #[cfg(feature = "pgp")]
+    pub pgp: Vec<PgpSecretKey>,
     /// What was looked at, for error messages: "the key directory /x (2 keys)", …
     pub looked_in: Vec<String>,
 }
 
+/// `"no X"`, `"1 X"`, `"n Xs"`.
+fn count_of(n: usize, what: &str) -> String {
+    match n {
+        0 => format!("no {what}"),
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
+}
+
 impl KeySet {
-    /// Gathers the keys of the payload (`privkeys`, `privkeys-passwords`) and of the key
-    /// directory. The directory is read strictly, like the runtimes: a symbolic link or a file
-    /// a runtime cannot use fails with [`DecoderError::KeyDir`] naming it. A missing
-    /// directory counts as empty (CRI-O's rule; Go `ctd-decoder` fails on it).
+    /// Gathers the keys of the payload (`privkeys` with `privkeys-passwords`, `x509s`,
+    /// `gpg-privatekeys` with `gpg-privatekeys-passwords`: Go's `DecryptConfig` parameters, each
+    /// a list of byte strings) and of the key directory. The directory is read strictly, like
+    /// the runtimes: a symbolic link or a file a runtime cannot use fails with
+    /// [`DecoderError::KeyDir`] naming it. A missing directory counts as empty (CRI-O's rule;
+    /// Go `ctd-decoder` fails on it).
     ///
     /// # Errors
-    /// [`DecoderError::PayloadKey`], [`DecoderError::KeyDir`].
+    /// [`DecoderError::PayloadKey`], [`DecoderError::PayloadParameter`],
+    /// [`DecoderError::KeyDir`].
     pub fn gather(config: &DecryptConfig, keys_path: Option<&Path>) -> Result<KeySet, DecoderError> {
         let mut set = KeySet::default();
         let empty = Vec::new();
-        let privs = config.parameters.get("privkeys").unwrap_or(&empty);
-        let pwds = config.parameters.get("privkeys-passwords").unwrap_or(&empty);
+        let param = |name: &str| config.parameters.get(name).unwrap_or(&empty);
+        let privs = param("privkeys");
+        let pwds = param("privkeys-passwords");
         for (index, bytes) in privs.iter().enumerate() {
             let pwd = pwds.get(index).filter(|p| !p.is_empty()).map(Vec::as_slice);
             let key = PrivateKey::from_bytes(bytes, pwd, &format!("privkeys[{index}]"))
                 .map_err(|source| DecoderError::PayloadKey { index, source })?;
             set.keys.push(key);
         }
-        set.looked_in.push(match privs.len() {
-            0 => "the pull request carried no keys".to_owned(),
-            1 => "the pull request carried 1 key".to_owned(),
-            n => format!("the pull request carried {n} keys"),
-        });
+        for (index, bytes) in param("x509s").iter().enumerate() {
+            let cert = Certificate::from_bytes(bytes, &format!("x509s[{index}]")).map_err(|source| {
+                DecoderError::PayloadParameter {
+                    param: "x509s",
+                    index,
+                    source,
+                }
+            })?;
+            set.certificates.push(cert);
+        }
+        let gpg = param("gpg-privatekeys");
+        #[cfg(feature = "pgp")]
+        {
+            let gpg_pwds = param("gpg-privatekeys-passwords");
+            for (index, bytes) in gpg.iter().enumerate() {
+                let pwd = gpg_pwds.get(index).filter(|p| !p.is_empty()).map(Vec::as_slice);
+                let bad = |source| DecoderError::PayloadParameter {
+                    param: "gpg-privatekeys",
+                    index,
+                    source,
+                };
+                let name = format!("gpg-privatekeys[{index}]");
+                let keys = PgpSecretKey::from_bytes_many(bytes, pwd, &name).map_err(bad)?;
+                if pwd.is_none() && keys.iter().any(PgpSecretKey::is_protected) {
+                    return Err(bad(KeyError::Unsupported {
+                        source_name: name,
+                        found:
+                            "a passphrase-protected secret key, and no gpg-privatekeys-passwords entry for it"
+                                .into(),
+                    }));
+                }
+                set.pgp.extend(keys);
+            }
+        }
+        let mut carried = vec![count_of(privs.len(), "private key")];
+        if !gpg.is_empty() {
+            carried.push(count_of(gpg.len(), "GPG secret keyring"));
+        }
+        set.looked_in
+            .push(format!("the pull request carried {}", carried.join(" and ")));
         set.gather_pkcs11(config);
         if let Some(dir) = keys_path {
             match read_key_dir(dir) {
@@ -763,17 +832,23 @@ impl KeySet {
                     let n = kd.keys.len();
                     let yamls = set.pkcs11_from_dir(&kd);
                     let others = kd.ignored.len() - yamls;
+                    let rings = kd.gpg_keyrings.len();
+                    #[cfg(feature = "pgp")]
+                    for ring in &kd.gpg_keyrings {
+                        set.pgp.extend(dir_keyring(ring)?);
+                    }
                     set.keys.extend(kd.into_private_keys());
                     set.looked_in.push(format!(
-                        "the key directory {} holds {}{}",
+                        "the key directory {} holds {}{}{}",
                         dir.display(),
-                        match n {
-                            0 => "no private key".to_owned(),
-                            1 => "1 private key".to_owned(),
-                            n => format!("{n} private keys"),
+                        count_of(n, "private key"),
+                        if rings > 0 {
+                            format!(" and {}", count_of(rings, "GPG secret keyring"))
+                        } else {
+                            String::new()
                         },
                         if others > 0 {
-                            format!(" (and {others} certificates or keyrings, unused by this decoder)")
+                            format!(" (and {others} certificates, public keyrings or other files unused by this decoder)")
                         } else {
                             String::new()
                         }
@@ -830,6 +905,90 @@ impl KeySet {
             }
         }
         self.pkcs11.len() - before
+    }
+
+    /// Where each key came from, in the order they are tried.
+    fn sources(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.keys.iter().map(|k| k.source_name().to_owned()).collect();
+        #[cfg(feature = "pgp")]
+        out.extend(self.pgp.iter().map(|k| k.source_name().to_owned()));
+        out.extend(self.pkcs11.iter().map(crate::pkcs11::Pkcs11KeyFile::describe));
+        out.dedup();
+        out
+    }
+}
+
+/// The secret keys of a GPG keyring of the key directory; a damaged or passphrase-protected
+/// one fails like any file the runtime cannot use.
+#[cfg(feature = "pgp")]
+fn dir_keyring(ring: &crate::keys::KeyDirFile) -> Result<Vec<PgpSecretKey>, DecoderError> {
+    let unusable = |reason: String| DecoderError::KeyDir {
+        source: KeyError::UnusableKeyFile {
+            path: ring.path.clone(),
+            reason,
+        },
+    };
+    let keys =
+        PgpSecretKey::from_bytes_many(&ring.bytes, None, &ring.path.display().to_string()).map_err(|e| {
+            match e {
+                KeyError::Malformed { reason, .. } => {
+                    unusable(format!("a damaged GPG secret keyring ({reason})"))
+                }
+                KeyError::Unsupported { found, .. } => unusable(format!("a GPG keyring with {found}")),
+                other => unusable(other.to_string()),
+            }
+        })?;
+    if keys.iter().any(PgpSecretKey::is_protected) {
+        return Err(unusable(
+            "a passphrase-protected GPG secret key: the runtime has no passphrase; export it unprotected (gpg --passwd to an empty passphrase, then gpg --export-secret-keys)".into(),
+        ));
+    }
+    Ok(keys)
+}
+
+/// A scheme's unwrapper with a budget of recipients over all the entries of a layer, so that a
+/// layer costs at most that many private-key operations per key whatever its annotations say
+/// (the JWE unwrapper has its own, [`JweUnwrapper::with_recipient_budget`]).
+#[derive(Debug)]
+struct Budgeted<U> {
+    inner: U,
+    /// Recipients a blob names (`None` when it does not parse: the inner unwrapper says why).
+    count: fn(&[u8]) -> Option<usize>,
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl<U: KeyUnwrapper> Budgeted<U> {
+    fn new(inner: U, count: fn(&[u8]) -> Option<usize>) -> Self {
+        Budgeted {
+            inner,
+            count,
+            left: std::sync::atomic::AtomicUsize::new(crate::jwe::MAX_RECIPIENTS),
+        }
+    }
+}
+
+impl<U: KeyUnwrapper> KeyUnwrapper for Budgeted<U> {
+    fn scheme(&self) -> &str {
+        self.inner.scheme()
+    }
+
+    fn unwrap_key(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, UnwrapError> {
+        use std::sync::atomic::Ordering;
+        if let Some(n) = (self.count)(blob) {
+            let took = self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(n));
+            if took.is_err() {
+                return Err(UnwrapError::Malformed {
+                    scheme: self.inner.scheme().to_owned(),
+                    reason: format!(
+                        "the layer's entries name more than {} recipients together; not tried",
+                        crate::jwe::MAX_RECIPIENTS
+                    ),
+                });
+            }
+        }
+        self.inner.unwrap_key(blob)
     }
 }
 
@@ -950,27 +1109,31 @@ impl Decoder {
     pub fn decrypt<R: Read, W: Write + Send>(self, input: R, output: W) -> Result<Outcome, DecoderError> {
         let digest = self.payload.descriptor.digest.clone();
         let annotations = &self.payload.descriptor.annotations;
-        let tried: Vec<String> = self
-            .keys
-            .keys
-            .iter()
-            .map(|k| k.source_name().to_owned())
-            .chain(
-                self.keys
-                    .pkcs11
-                    .iter()
-                    .map(crate::pkcs11::Pkcs11KeyFile::describe),
-            )
-            .collect();
+        let tried = self.keys.sources();
         let key_count = tried.len();
         let mut unwrappers: Vec<Arc<dyn AsyncKeyUnwrapper>> = Vec::new();
+        // All the comma entries of the layer together may name at most as many recipients as
+        // one JWE may, per scheme: the private-key operations a layer costs are bounded by that
+        // number times the keys.
+        #[cfg(feature = "pgp")]
+        if !self.keys.pgp.is_empty() {
+            let pgp = PgpUnwrapper::new(self.keys.pgp);
+            unwrappers.push(Arc::new(Budgeted::new(pgp, |b| {
+                crate::pgp::pkesk_key_ids(b).ok().map(|ids| ids.len())
+            })));
+        }
         if !self.keys.keys.is_empty() {
-            // All the comma entries of the layer together may name at most as many recipients
-            // as one JWE may: the private-key operations a layer costs are bounded by that
-            // number times the keys.
-            unwrappers.push(Arc::new(
-                JweUnwrapper::new(self.keys.keys).with_recipient_budget(crate::jwe::MAX_RECIPIENTS),
-            ));
+            let p7 = Pkcs7Unwrapper::new(self.keys.keys.iter().map(PrivateKey::share).collect())
+                .with_certificates(self.keys.certificates);
+            if p7.has_usable_keys() {
+                unwrappers.push(Arc::new(Budgeted::new(p7, |b| {
+                    crate::pkcs7::inspect(b).ok().map(|r| r.len())
+                })));
+            }
+            unwrappers.insert(
+                0,
+                Arc::new(JweUnwrapper::new(self.keys.keys).with_recipient_budget(crate::jwe::MAX_RECIPIENTS)),
+            );
         }
         #[cfg(feature = "pkcs11")]
         if !self.keys.pkcs11.is_empty() {

@@ -54,6 +54,10 @@ pub enum KeyFileKind {
     Certificate,
     /// A binary OpenPGP secret keyring (for the pgp scheme).
     GpgSecretKeyring,
+    /// An armored OpenPGP secret keyring (`gpg --armor --export-secret-keys`): our decoder and
+    /// `imgcrypt --key-dir` read it; Go runtimes do not (CRI-O fails on it, Go helpers ignore
+    /// it), so keysync-agent writes it dearmored.
+    GpgArmoredSecretKeyring,
     /// A binary OpenPGP public keyring: Go's check accepts any keyring, so the runtime takes
     /// it without complaint, but it cannot decrypt anything.
     GpgPublicKeyring,
@@ -74,6 +78,7 @@ impl KeyFileKind {
             KeyFileKind::EncryptedPrivateKey => "an encrypted private key".into(),
             KeyFileKind::Certificate => "an X.509 certificate".into(),
             KeyFileKind::GpgSecretKeyring => "a GPG secret keyring".into(),
+            KeyFileKind::GpgArmoredSecretKeyring => "an armored GPG secret keyring".into(),
             KeyFileKind::GpgPublicKeyring => "a GPG public keyring".into(),
             KeyFileKind::Pkcs11Yaml => "a PKCS#11 key YAML".into(),
             KeyFileKind::Unknown { found } => found.clone(),
@@ -88,6 +93,9 @@ pub fn classify_key_file(bytes: &[u8], source_name: &str) -> KeyFileKind {
         Some(5) if openpgp_packet_plausible(bytes) => return KeyFileKind::GpgSecretKeyring,
         Some(6) if openpgp_packet_plausible(bytes) => return KeyFileKind::GpgPublicKeyring,
         _ => {}
+    }
+    if is_armored_secret_keyring(bytes) {
+        return KeyFileKind::GpgArmoredSecretKeyring;
     }
     match PrivateKey::from_bytes(bytes, None, source_name) {
         Ok(k) => return KeyFileKind::PrivateKey(k),
@@ -112,6 +120,16 @@ pub fn classify_key_file(bytes: &[u8], source_name: &str) -> KeyFileKind {
         Ok(_) => sniff_non_key(bytes),
     };
     KeyFileKind::Unknown { found }
+}
+
+/// An ASCII-armored OpenPGP secret key block: the armor line first (after blank lines), as gpg
+/// writes it.
+fn is_armored_secret_keyring(bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    bytes[start..].starts_with(b"-----BEGIN PGP PRIVATE KEY BLOCK-----")
 }
 
 fn is_certificate(bytes: &[u8]) -> bool {
@@ -169,8 +187,11 @@ fn openpgp_packet_plausible(bytes: &[u8]) -> bool {
 pub struct KeyDir {
     /// Private keys, sorted by path.
     pub keys: Vec<KeyDirEntry>,
-    /// Files a runtime accepts but that hold no key for the JWE scheme (certificates, GPG
-    /// keyrings, PKCS#11 YAML), with what they are.
+    /// GPG secret keyrings (binary or armored), sorted by path, as read: parse them with
+    /// `ocicrypt_core::pgp::PgpSecretKey::from_bytes_many` for the pgp scheme.
+    pub gpg_keyrings: Vec<KeyDirFile>,
+    /// Files a runtime accepts that hold no private key or secret keyring (certificates, GPG
+    /// public keyrings, PKCS#11 YAML), with what they are.
     pub ignored: Vec<SkippedKeyFile>,
     /// [`read_key_dir_lenient`] only: files a runtime would fail on, with the reason. Always
     /// empty after [`read_key_dir`] (it fails instead).
@@ -191,6 +212,23 @@ pub struct KeyDirEntry {
     pub path: PathBuf,
     /// The key.
     pub key: PrivateKey,
+}
+
+/// A key file of a key directory kept as read (zeroized on drop; `Debug` shows only the path).
+pub struct KeyDirFile {
+    /// Its file.
+    pub path: PathBuf,
+    /// Its contents.
+    pub bytes: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeyDirFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyDirFile")
+            .field("path", &self.path)
+            .field("bytes", &format_args!("<{} bytes>", self.bytes.len()))
+            .finish()
+    }
 }
 
 /// A file of a key directory that gives no usable key.
@@ -409,6 +447,9 @@ fn walk(
                 ),
             )?,
             KeyFileKind::Unknown { found } => skip(out, format!("unknown decryption key type: {found}"))?,
+            KeyFileKind::GpgSecretKeyring | KeyFileKind::GpgArmoredSecretKeyring => {
+                out.gpg_keyrings.push(KeyDirFile { path, bytes })
+            }
             other => out.ignored.push(SkippedKeyFile {
                 path,
                 reason: other.describe(),
