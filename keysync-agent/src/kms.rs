@@ -181,9 +181,11 @@ pub async fn unwrap(
             let plaintext = out.plaintext;
             let source = format!("{}/{}", request.secret, request.file);
             let outcome = match validate_key(&plaintext, &source) {
-                Ok(_) => Ok(Arc::new(plaintext)),
-                Err(rejection) => match extra_base64_layer(&plaintext) {
-                    Some(decoded) if validate_key(&decoded, &source).is_ok() => {
+                Ok(a) => Ok(Arc::new(a.rewritten.unwrap_or(plaintext))),
+                Err(rejection) => match extra_base64_layer(&plaintext)
+                    .and_then(|d| validate_key(&d, &source).ok().map(|a| a.rewritten.unwrap_or(d)))
+                {
+                    Some(decoded) => {
                         tracing::warn!(
                             secret = %request.secret,
                             file = %request.file,

@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 use crate::decode::{extra_base64_layer, kp_ciphertext, trimmed_text};
 use crate::keydir::{Desired, FileDesired};
 use crate::names::{describe_unsafe, is_safe_file_name, is_safe_secret_name};
-use crate::validate::{validate_key, Rejection, MAX_KEY_SIZE};
+use crate::validate::{validate_key, Accepted, Rejection, MAX_KEY_SIZE};
 
 /// Largest `kp-key` entry kept: a wrapped key is its plaintext's size plus the envelope, base64
 /// encoded (an RSA-16384 PEM wraps to about 19 KiB).
@@ -312,16 +312,23 @@ impl ValidationCache {
     ) -> Result<Arc<Zeroizing<Vec<u8>>>, Rejection> {
         let digest: [u8; 32] = Sha256::digest(bytes.as_slice()).into();
         let v = self.map.entry(digest).or_insert_with(|| match validate_key(bytes, source) {
+            Ok(Accepted {
+                rewritten: Some(other),
+                ..
+            }) => Validated::OkDecoded(Arc::new(other)),
             Ok(_) => Validated::Ok,
             Err(rejection) => match extra_base64_layer(bytes) {
-                Some(decoded) if validate_key(&decoded, source).is_ok() => {
-                    tracing::warn!(
-                        source,
-                        "the key was base64-encoded twice; using it after decoding once more (store the PEM itself)"
-                    );
-                    Validated::OkDecoded(Arc::new(decoded))
-                }
-                _ => Validated::Rejected(rejection),
+                Some(decoded) => match validate_key(&decoded, source) {
+                    Ok(a) => {
+                        tracing::warn!(
+                            source,
+                            "the key was base64-encoded twice; using it after decoding once more (store the PEM itself)"
+                        );
+                        Validated::OkDecoded(Arc::new(a.rewritten.unwrap_or(decoded)))
+                    }
+                    Err(_) => Validated::Rejected(rejection),
+                },
+                None => Validated::Rejected(rejection),
             },
         });
         match v {

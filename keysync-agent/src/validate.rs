@@ -3,10 +3,18 @@
 //!
 //! One bad file in CRI-O's key directory makes every image pull on the node fail, so anything the
 //! loader would refuse (public keys, encrypted keys, SEC1 `EC PRIVATE KEY` PEM, text, truncated
-//! PEM) is rejected here and never written. Certificates and GPG keyrings, which the loader
-//! tolerates, are rejected too: the agent installs decryption keys only.
+//! PEM) is rejected here and never written. Certificates and GPG public keyrings, which the
+//! loader tolerates, are rejected too: the agent installs decryption keys only.
+//!
+//! GPG secret keyrings (for `pgp` layers) are decryption keys: a binary one is written as is;
+//! an armored one (`gpg --armor --export-secret-keys`, which Go runtimes cannot read: CRI-O
+//! fails every pull on it) is written as the equivalent binary keyring
+//! ([`Accepted::rewritten`]). A keyring must parse completely and hold unprotected secret keys
+//! (a runtime has no passphrase).
 
-use ocicrypt_core::keys::{classify_key_file, KeyFileKind};
+use ocicrypt_core::keys::{classify_key_file, KeyError, KeyFileKind};
+use ocicrypt_core::pgp::{secret_keyring_binary, PgpSecretKey};
+use zeroize::Zeroizing;
 
 /// Largest key file accepted (an RSA-16384 PKCS#8 PEM is about 13 KiB).
 pub const MAX_KEY_SIZE: usize = 64 * 1024;
@@ -39,6 +47,12 @@ pub enum Rejection {
         /// What it is.
         found: String,
     },
+    /// A GPG secret key protected by a passphrase: the runtime has none and cannot use it.
+    #[error(
+        "a passphrase-protected GPG secret key: the container runtime cannot unlock it; \
+         export it without a passphrase (gpg --passwd KEYID to an empty one, then gpg --export-secret-keys KEYID)"
+    )]
+    ProtectedKeyring,
     /// Something the runtime accepts but that is not a private key (a certificate, a keyring).
     #[error("{found}, not a private key: only private decryption keys are installed")]
     NotPrivate {
@@ -58,6 +72,9 @@ pub enum Rejection {
 pub struct Accepted {
     /// E.g. `RSA-2048 private key (PKCS#8 PEM)`.
     pub description: String,
+    /// The bytes to write instead of the input, when the runtime needs another encoding of the
+    /// same key (an armored GPG keyring is written binary).
+    pub rewritten: Option<Zeroizing<Vec<u8>>>,
 }
 
 /// Checks one key file's contents.
@@ -72,7 +89,38 @@ pub fn validate_key(bytes: &[u8], source_name: &str) -> Result<Accepted, Rejecti
     match kind {
         KeyFileKind::PrivateKey(ref k) if k.format().go_ocicrypt_reads() => Ok(Accepted {
             description: kind.describe(),
+            rewritten: None,
         }),
+        KeyFileKind::GpgSecretKeyring | KeyFileKind::GpgArmoredSecretKeyring => {
+            let damaged = |e: KeyError| Rejection::NotAKey {
+                found: match e {
+                    // The reason is already a sanitized token (ocicrypt_core::redact).
+                    KeyError::Malformed { reason, .. } => format!("a damaged GPG secret keyring ({reason})"),
+                    KeyError::Unsupported { found, .. } => format!("a GPG keyring with {found}"),
+                    other => ocicrypt_core::redact::token(&other.to_string()).into_owned(),
+                },
+            };
+            let keys = PgpSecretKey::from_bytes_many(bytes, None, source_name).map_err(damaged)?;
+            if keys.iter().any(PgpSecretKey::is_protected) {
+                return Err(Rejection::ProtectedKeyring);
+            }
+            let armored = matches!(kind, KeyFileKind::GpgArmoredSecretKeyring);
+            let rewritten = if armored {
+                Some(secret_keyring_binary(bytes, source_name).map_err(damaged)?)
+            } else {
+                None
+            };
+            let ids: Vec<String> = keys.iter().map(PgpSecretKey::key_id).collect();
+            Ok(Accepted {
+                description: format!(
+                    "{} (key id {}){}",
+                    kind.describe(),
+                    ids.join(", "),
+                    if armored { ", written binary" } else { "" }
+                ),
+                rewritten,
+            })
+        }
         KeyFileKind::PrivateKey(_) => Err(Rejection::UnreadableFormat {
             found: kind.describe(),
         }),

@@ -16,11 +16,16 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Decrypts the skopeo-made `enc-jwe` vector with `key` and checks the result is the plaintext source.
 fn skopeo_decrypts_with(key: &Path) {
+    skopeo_decrypts_layout_with("enc-jwe", key);
+}
+
+/// Decrypts the skopeo-made vector `layout` with `key` and checks the result is the plaintext source.
+fn skopeo_decrypts_layout_with(layout: &str, key: &Path) {
     if !testkit::tools::have_tool("skopeo") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let src = vectors().join("layouts/enc-jwe");
+    let src = vectors().join("layouts").join(layout);
     let out = t.path().join("out");
     testkit::tools::skopeo_ok(&[
         "copy",
@@ -257,4 +262,66 @@ async fn kp_key_secrets_are_unwrapped_once_and_decrypt() {
     wait_for("removal", WAIT, || !dir.join("wrapped").exists()).await;
     let summary = agent.stop().await;
     assert!(summary.problems.is_empty(), "{:?}", summary.problems);
+}
+
+/// Issue 11 item 5: GPG secret keyrings are decryption keys. A binary one is written as is; an
+/// armored one is written binary (the only form Go runtimes read), and skopeo decrypts the
+/// skopeo-made pgp image with it; a damaged keyring, a public one and armor around junk are
+/// refused with an Event that names the problem and quotes nothing of the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpg_secret_keyrings_are_written_in_the_form_runtimes_read() {
+    let standin = KubeStandin::start().await.unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let crio = t.path().join("crio/keys/synced");
+    let agent = start(&standin, options(vec![crio.clone()]));
+    let armored = key("pgp-secret.asc");
+    let binary = ocicrypt_core::pgp::secret_keyring_binary(&armored, "pgp-secret.asc")
+        .unwrap()
+        .to_vec();
+    standin
+        .create_secret(secret(
+            "pgp",
+            "key",
+            &[("secret.asc", &armored), ("secring.gpg", &binary)],
+        ))
+        .unwrap();
+    let junk = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3";
+    let mut cut = binary.clone();
+    cut.truncate(binary.len() / 2);
+    let armored_junk =
+        format!("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\n{junk}\n-----END PGP PRIVATE KEY BLOCK-----\n");
+    standin
+        .create_secret(secret("bad-cut", "key", &[("k.gpg", &cut)]))
+        .unwrap();
+    standin
+        .create_secret(secret("bad-armor", "key", &[("k.asc", armored_junk.as_bytes())]))
+        .unwrap();
+    standin
+        .create_secret(secret("bad-public", "key", &[("k.asc", &key("pgp-public.asc"))]))
+        .unwrap();
+    wait_for("the keyrings", WAIT, || {
+        read(&crio.join("pgp/secret.asc")).is_some() && read(&crio.join("pgp/secring.gpg")).is_some()
+    })
+    .await;
+    assert_eq!(
+        read(&crio.join("pgp/secring.gpg")).unwrap(),
+        binary,
+        "binary: as is"
+    );
+    let written = read(&crio.join("pgp/secret.asc")).unwrap();
+    assert_eq!(written, binary, "armored: written as the binary keyring");
+    for bad in ["bad-cut", "bad-armor", "bad-public"] {
+        wait_for(bad, WAIT, || {
+            event_reasons(&standin, bad).contains(&"InvalidKey".to_string())
+        })
+        .await;
+    }
+    assert_eq!(all_files(&crio), vec!["pgp/secret.asc", "pgp/secring.gpg"]);
+    let events = serde_json::to_string(&standin.events()).unwrap();
+    assert!(events.contains("GPG secret keyring"), "{events}");
+    assert!(!events.contains(&junk[..24]), "{events}");
+    // What Go reads from a runtime's key directory decrypts the skopeo-made pgp image.
+    skopeo_decrypts_layout_with("enc-pgp", &crio.join("pgp/secret.asc"));
+    let summary = agent.stop().await;
+    assert!(!summary.problems.is_empty());
 }
