@@ -63,8 +63,9 @@ containerd runs it once per encrypted layer: the encrypted blob on stdin, the de
 stdout, the layer descriptor and decrypt parameters as a protobuf Any on file descriptor 3.
 
 Options:
-  --decryption-keys-path DIR  also use the private keys in DIR (read like the runtime reads its
-                              key directory: every file must be a usable key, no symbolic links)
+  --decryption-keys-path DIR  also use the private keys and GPG secret keyrings in DIR (read
+                              like the runtime reads its key directory: every file must be a
+                              usable key, no symbolic links)
   --spool-dir DIR             scratch directory for the verified-before-release output
                               (default: $TMPDIR, else /var/tmp)
   --stream                    release output before the HMAC is verified, like Go's ctd-decoder
@@ -72,6 +73,9 @@ Options:
                               the last 10 KiB of unverified plaintext has reached containerd)
   -h, --help                  this help
   --version                   the version
+
+Keys sent with the pull (payload parameters): privkeys(-passwords) for jwe and pkcs7 layers,
+x509s (accepted, not needed), gpg-privatekeys(-passwords) for pgp layers.
 
 Environment: STREAM_PROCESSOR_MEDIATYPE (set by containerd; required),
 OCICRYPT_KEYPROVIDER_CONFIG (key providers).

@@ -77,7 +77,7 @@ fn unknown_scheme(what: &str, input: &str, scheme: &str) -> CliError {
         ErrorKind::UnknownScheme,
         format!("{what} {input:?}: unknown scheme {scheme:?}{extra}; known schemes: {KNOWN_SCHEMES}"),
     )
-    .hint("write recipients as jwe:PUBLIC_KEY_FILE or pkcs7:CERTIFICATE (e.g. --recipient jwe:public.pem)")
+    .hint("write recipients as jwe:PUBLIC_KEY_FILE, pkcs7:CERTIFICATE, pgp:NAME-OR-EMAIL, pgp:PUBLIC_KEY_FILE, pkcs11:KEY.yaml or provider:NAME[:PARAM] (e.g. --recipient jwe:public.pem), and keys as files (private keys, gpg secret keyrings, PKCS#11 key YAMLs) or provider:NAME")
 }
 
 fn parse_provider(rest: &str) -> Result<(String, Option<String>), String> {

@@ -2,7 +2,8 @@
 //! pushed to a real registry, through the CRI image service, with `imgcrypt-decoder` as its
 //! stream processor and `keysync-agent` putting the keys into the decoder's key directory from
 //! Secrets of the Kubernetes API stand-in (plain `key` Secrets, and `kp-key` Secrets unwrapped
-//! by the Key Protect emulator). runc runs the result.
+//! by the Key Protect emulator). runc runs the result. Images wrapped for a PKCS#7 certificate and
+//! for an OpenPGP key pull too, with their keys synced by the agent.
 //!
 //! Needs root, containerd, runc, busybox-static and docker-registry (scripts/deps.sh), and the
 //! workspace binaries `keysync-agent` and `kp-emulator` (`cargo build --workspace --bins`;
@@ -98,13 +99,18 @@ fn busybox_layers(message: &str, split: Option<Compression>, compression: Compre
     }
 }
 
-/// Encrypts and pushes with `imgcrypt` (plain HTTP registry).
+/// Encrypts for a `jwe:` public key and pushes with `imgcrypt` (plain HTTP registry).
 fn encrypt_and_push(layout: &Path, tag: &str, public_key: &Path, dest: &str) {
+    encrypt_for_and_push(layout, tag, &format!("jwe:{}", public_key.display()), dest);
+}
+
+/// Encrypts for `recipient` (`jwe:`, `pkcs7:`, `pgp:` …) and pushes with `imgcrypt`.
+fn encrypt_for_and_push(layout: &Path, tag: &str, recipient: &str, dest: &str) {
     let out = run_bounded(
         {
             let mut c = Command::new(IMGCRYPT);
             c.args(["encrypt", "-q", "--tls-verify=false", "--recipient"])
-                .arg(format!("jwe:{}", public_key.display()))
+                .arg(recipient)
                 .arg(format!("oci:{}:{tag}", layout.display()))
                 .arg(dest);
             c
@@ -426,6 +432,37 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
         "b",
         &busybox_layers("hello from image B", None, Compression::Zstd),
     );
+    // Images P and G (issue 11 item 5): one layer each, wrapped for an X.509 certificate
+    // (pkcs7) and for an OpenPGP key (pgp), whose private keys only the agent brings.
+    write_image(
+        &layout,
+        "p",
+        &busybox_layers("hello from image P", None, Compression::Gzip),
+    );
+    write_image(
+        &layout,
+        "g",
+        &busybox_layers("hello from image G", None, Compression::Gzip),
+    );
+    let vector_key = |name: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ocicrypt-core/tests/data/vectors/keys")
+            .join(name)
+    };
+    let image_p = format!("{}/e2e/app:p", registry.addr);
+    let image_g = format!("{}/e2e/app:g", registry.addr);
+    encrypt_for_and_push(
+        &layout,
+        "p",
+        &format!("pkcs7:{}", vector_key("cert.pem").display()),
+        &format!("docker://{image_p}"),
+    );
+    encrypt_for_and_push(
+        &layout,
+        "g",
+        &format!("pgp:{}", vector_key("pgp-public.asc").display()),
+        &format!("docker://{image_g}"),
+    );
     let image_a = format!("{}/e2e/app:a", registry.addr);
     let image_b = format!("{}/e2e/app:b", registry.addr);
     encrypt_and_push(&layout, "a", &public, &format!("docker://{image_a}"));
@@ -515,6 +552,38 @@ fn encrypted_image_pulls_on_containerd_only_while_the_node_has_the_key() {
     agent.wait_for("the key file removal", || files_under(&keys).is_empty());
     ctrd.remove_all_images();
     assert_pull_fails(&ctrd, &image_b, "no private key to decrypt layer");
+
+    // 6. Other schemes: without their keys the pkcs7 and pgp images fail; the certificate's
+    //    private key alone (no certificate, unlike Go) opens the pkcs7 image; an armored gpg
+    //    secret key in a Secret is written as the binary keyring runtimes read, and opens the
+    //    pgp image.
+    assert_pull_fails(&ctrd, &image_p, "no private key to decrypt layer");
+    let p7_key = std::fs::read(vector_key("cert.key.pem")).unwrap();
+    standin
+        .create_secret(secret(NS, "image-p7-key", "key", &[("p7.pem", &p7_key)]))
+        .unwrap();
+    agent.wait_for("the pkcs7 key file", || files_under(&keys).len() == 1);
+    ctrd.pull_image(&image_p)
+        .unwrap_or_else(|e| panic!("pull with the pkcs7 key: {e}\n{}", tail(&ctrd.log_text(), 20)));
+    assert_eq!(run_container(&ctrd, &image_p, "e2e-p"), "hello from image P");
+    assert_pull_fails(&ctrd, &image_g, "no private key to decrypt layer");
+    let armored = std::fs::read(vector_key("pgp-secret.asc")).unwrap();
+    standin
+        .create_secret(secret(NS, "image-pgp-key", "key", &[("secret.asc", &armored)]))
+        .unwrap();
+    agent.wait_for("the gpg keyring file", || files_under(&keys).len() == 2);
+    let written = files_under(&keys)
+        .into_iter()
+        .find(|f| f.ends_with("secret.asc"))
+        .expect("secret.asc written");
+    assert_ne!(
+        std::fs::read(&written).unwrap()[0],
+        b'-',
+        "written binary, not armored"
+    );
+    ctrd.pull_image(&image_g)
+        .unwrap_or_else(|e| panic!("pull with the pgp key: {e}\n{}", tail(&ctrd.log_text(), 20)));
+    assert_eq!(run_container(&ctrd, &image_g, "e2e-g"), "hello from image G");
 
     drop(ctrd);
     drop(standin);

@@ -453,6 +453,14 @@ fn error_paths_have_their_own_codes() {
     imgcrypt(&["encrypt", "--recipient", "tpm:key.pem", &enc, &out])
         .expect_code(6)
         .stderr_has(&["unknown scheme \"tpm\"", "jwe:"]);
+    imgcrypt(&["encrypt", "--recipient", "x509:cert.pem", &enc, &out])
+        .expect_code(6)
+        .stderr_has(&[
+            "unknown scheme \"x509\"",
+            "jwe:, pkcs7:, pgp:",
+            "provider:",
+            "pgp:NAME-OR-EMAIL",
+        ]);
     imgcrypt(&["encrypt", "--recipient", "provider:nope", &enc, &out])
         .expect_code(6)
         .stderr_has(&["OCICRYPT_KEYPROVIDER_CONFIG"]);

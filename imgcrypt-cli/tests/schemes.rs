@@ -178,6 +178,48 @@ fn pkcs7_vector_opens_with_the_key_alone() {
     assert_eq!(layer_blobs(&out, "v1"), layer_blobs(&v.join("layouts/src"), "v1"));
 }
 
+/// `--key-dir` as CRI-O reads a key directory: the pkcs7 and pgp vectors open with the key
+/// alone and with a gpg secret keyring, binary (what Go reads) or armored.
+#[test]
+fn pkcs7_and_pgp_vectors_open_with_a_key_dir() {
+    let v = vectors();
+    let armored = std::fs::read(v.join("keys/pgp-secret.asc")).unwrap();
+    let binary = ocicrypt_core::pgp::secret_keyring_binary(&armored, "pgp-secret.asc").unwrap();
+    for (layout, file, bytes) in [
+        (
+            "enc-p7",
+            "p7/key.pem",
+            std::fs::read(v.join("keys/cert.key.pem")).unwrap(),
+        ),
+        ("enc-pgp", "secring.gpg", binary.to_vec()),
+        ("enc-pgp", "secret.asc", armored.clone()),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        std::fs::create_dir_all(dir.join("p7")).unwrap();
+        std::fs::write(dir.join(file), &bytes).unwrap();
+        std::fs::write(
+            dir.join("rsa.pem"),
+            std::fs::read(v.join("keys/rsa.pem")).unwrap(),
+        )
+        .unwrap();
+        let out = t.path().join("out");
+        imgcrypt(&[
+            "decrypt",
+            "--key-dir",
+            &s(&dir),
+            &oci(&v.join("layouts").join(layout), "v1"),
+            &oci(&out, "v1"),
+        ])
+        .ok();
+        assert_eq!(
+            layer_blobs(&out, "v1"),
+            layer_blobs(&v.join("layouts/src"), "v1"),
+            "{layout} with {file}"
+        );
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

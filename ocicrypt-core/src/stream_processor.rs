@@ -19,8 +19,10 @@
 //!
 //! What this module adds on top of the protocol:
 //!
-//! * keys come from the payload (`privkeys` with `privkeys-passwords`) and from the
-//!   `--decryption-keys-path` directory, read with the runtimes' strict semantics
+//! * keys come from the payload (`privkeys` with `privkeys-passwords` for `jwe` and `pkcs7`,
+//!   `x509s` accepted, `gpg-privatekeys` with `gpg-privatekeys-passwords` for `pgp`) and from the
+//!   `--decryption-keys-path` directory (private keys, GPG secret keyrings binary or armored),
+//!   read with the runtimes' strict semantics
 //!   ([`crate::keys::read_key_dir`]: a symbolic link or a file the runtime cannot use fails
 //!   the layer, naming the file); a missing directory counts as empty;
 //! * **unauthenticated data never overrides authenticated data**: the nonce comes from the

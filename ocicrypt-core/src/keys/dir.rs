@@ -15,6 +15,10 @@
 //!   takes every private key we can use (SEC1 PEM included), and lists every other file in
 //!   [`KeyDir::skipped`] with the reason instead of failing.
 //!
+//! Both collect GPG secret keyrings in [`KeyDir::gpg_keyrings`] for the pgp scheme: binary ones
+//! (what Go reads) and, beyond Go, armored ones (`-----BEGIN PGP PRIVATE KEY BLOCK-----`, which
+//! CRI-O fails on and Go's helpers ignore; keysync-agent writes such keys binary).
+//!
 //! Both read without races against a writer such as keysync-agent, which replaces a key by
 //! renaming a complete file over it: every entry is opened exactly once, relative to its open
 //! parent directory, with `O_NOFOLLOW | O_NONBLOCK` (a symbolic link is refused by the open

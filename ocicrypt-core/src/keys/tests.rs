@@ -780,6 +780,43 @@ fn gpg_keyrings_are_recognised_if_gpg_is_installed() {
         let e = PrivateKey::from_bytes(&out.stdout, None, file).unwrap_err();
         assert!(e.to_string().contains("binary OpenPGP"), "{e}");
     }
+    // Armored: a secret key block is a keyring (our readers take it), a public one is not.
+    let kind = classify_key_file(&std::fs::read(v.join("pgp-secret.asc")).unwrap(), "s.asc");
+    assert!(matches!(kind, KeyFileKind::GpgArmoredSecretKeyring), "{kind:?}");
+    let kind = classify_key_file(&std::fs::read(v.join("pgp-public.asc")).unwrap(), "p.asc");
+    assert!(matches!(kind, KeyFileKind::Unknown { .. }), "{kind:?}");
+}
+
+#[cfg(feature = "pgp")]
+#[test]
+fn key_dir_collects_gpg_secret_keyrings() {
+    let v = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors/keys");
+    let armored = std::fs::read(v.join("pgp-secret.asc")).unwrap();
+    let binary = crate::pgp::secret_keyring_binary(&armored, "pgp-secret.asc").unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("keys");
+    write(&d, "secret.asc", &armored);
+    write(&d, "sub/secring.gpg", &binary);
+    write(&d, "rsa.pem", &std::fs::read(v.join("rsa.pem")).unwrap());
+    for kd in [read_key_dir(&d).unwrap(), read_key_dir_lenient(&d).unwrap()] {
+        let rings: Vec<_> = kd
+            .gpg_keyrings
+            .iter()
+            .map(|f| f.path.strip_prefix(&d).unwrap().to_owned())
+            .collect();
+        assert_eq!(rings, vec![Path::new("secret.asc"), Path::new("sub/secring.gpg")]);
+        assert_eq!(kd.keys.len(), 1);
+        assert!(kd.ignored.is_empty() && kd.skipped.is_empty(), "{kd:?}");
+        assert!(!format!("{kd:?}").contains("PGP PRIVATE"), "Debug shows no key");
+        for f in &kd.gpg_keyrings {
+            assert_eq!(
+                crate::pgp::PgpSecretKey::from_bytes_many(&f.bytes, None, "x")
+                    .unwrap()
+                    .len(),
+                1
+            );
+        }
+    }
 }
 
 #[test]
