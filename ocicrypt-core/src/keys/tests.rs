@@ -733,9 +733,10 @@ fn classify_like_sort_decryption_keys() {
         classify_key_file(&f("rsa.pub.pem"), "x"),
         KeyFileKind::Unknown { .. }
     ));
+    // Go fails on an armored keyring; we read it (and keysync-agent writes it binary).
     assert!(matches!(
         classify_key_file(&f("pgp-secret.asc"), "x"),
-        KeyFileKind::Unknown { .. }
+        KeyFileKind::GpgArmoredSecretKeyring
     ));
     let yaml = b"pkcs11:\n  uri: pkcs11:token=t;object=k?module-name=softhsm2\nmodule:\n  env:\n    SOFTHSM2_CONF: /etc/softhsm2.conf\n";
     assert!(matches!(classify_key_file(yaml, "x"), KeyFileKind::Pkcs11Yaml));
