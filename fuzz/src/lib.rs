@@ -17,8 +17,11 @@ use ocicrypt_core::keys::{classify_key_file, PrivateKey, PublicKey};
 use ocicrypt_core::pkcs7::Certificate;
 use ocicrypt_core::KeyUnwrapper as _;
 
+/// A fuzz target: arbitrary bytes in, returns normally for every input.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its `fuzz_targets/` binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("jwe", jwe),
     ("pkcs7", pkcs7),
     ("pgp_message", pgp_message),
