@@ -130,6 +130,7 @@ pub fn validate_key(bytes: &[u8], source_name: &str) -> Result<Accepted, Rejecti
         // here).
         KeyFileKind::Pkcs11Yaml => Ok(Accepted {
             description: kind.describe(),
+            rewritten: None,
         }),
         KeyFileKind::Unknown { found } => Err(Rejection::NotAKey { found }),
         other => Err(Rejection::NotPrivate {
