@@ -235,8 +235,9 @@ fn assert_pull_fails(ctrd: &Containerd, image: &str, want: &str) {
     // containerd 1.6 sometimes loses a stream processor's stderr and reports the failed unpack
     // as "wrong diff id" instead (docs/runtime-integration.md); the pull still fails. A failed
     // unpack leaves no snapshot, so pulling again runs the decoder again: every attempt must
-    // fail, and at least one of at most three must carry the decoder's message.
-    for attempt in 1..=3 {
+    // fail, and at least one of at most six must carry the decoder's message (on a loaded
+    // 2-core machine three in a row were seen to lose it).
+    for attempt in 1..=6 {
         let err = ctrd
             .pull_image(image)
             .expect_err("the pull must fail without the key");
@@ -251,7 +252,7 @@ fn assert_pull_fails(ctrd: &Containerd, image: &str, want: &str) {
         );
     }
     panic!(
-        "three pulls of {image} failed without the decoder's message {want:?}\n(containerd log tail:)\n{}",
+        "six pulls of {image} failed without the decoder's message {want:?}\n(containerd log tail:)\n{}",
         tail(&ctrd.log_text(), 20)
     );
 }
