@@ -48,3 +48,32 @@ imgcrypt_install_deps() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends kubernetes-client >&2
   fi
 }
+
+# A Python venv under target/ with PyPI packages, for tests that run a peer written in Python.
+#   imgcrypt_python_venv LABEL DIR IMPORTS PACKAGE...
+# Creates target/DIR when IMPORTS (a Python import statement's names) do not import there, installs
+# the PACKAGEs, and sets IMGCRYPT_VENV_PYTHON to the venv's python ("" when python3 or venv is
+# missing: the tests that need it then fail under IMGCRYPT_REQUIRE_TOOLS=1).
+imgcrypt_python_venv() {
+  local label="$1" venv="$PWD/target/$2" imports="$3"
+  shift 3
+  local py="$venv/bin/python"
+  IMGCRYPT_VENV_PYTHON=""
+  if [ ! -x "$py" ] || ! "$py" -c "import $imports" >/dev/null 2>&1; then
+    local sys_py
+    sys_py="$(command -v python3 || true)"
+    if [ -z "$sys_py" ]; then
+      echo "$label setup: python3 not found; its tests will fail under IMGCRYPT_REQUIRE_TOOLS=1" >&2
+      return 0
+    fi
+    mkdir -p "$PWD/target"
+    if ! "$sys_py" -m venv "$venv" >&2; then
+      echo "$label setup: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2
+      return 0
+    fi
+    echo "$label setup: installing $* from PyPI into $venv" >&2
+    "$py" -m pip install --quiet --disable-pip-version-check "$@" >&2 ||
+      echo "$label setup: pip install failed" >&2
+  fi
+  IMGCRYPT_VENV_PYTHON="$py"
+}
